@@ -1,0 +1,210 @@
+"""The transport interface that all node code talks through.
+
+A transport carries request/response exchanges between authenticated nodes.
+Two implementations behave the same as seen from above:
+
+* ``overlay.wire.tls.TlsTransport``: TCP with TLS 1.3, one reused connection
+  per peer, requests multiplexed by id;
+* ``overlay.wire.simnet.SimTransport``: an in-process network on virtual time
+  with per-link latency, loss, partitions and crashes.
+
+Both encode and decode every message with ``frames`` (so schemas are checked
+the same way in simulation as on the wire), and both dispatch incoming
+requests to one :data:`Handler`. A handler answers with a reply body, or raises
+:class:`Refused` to send a coded refusal that the caller receives as
+:class:`RemoteError`. Any other exception in a handler is a bug: it is logged
+with its traceback and the caller gets ``RemoteError("internal", ...)``.
+
+Errors a caller of :meth:`Transport.request` can see, by whose fault:
+
+* :class:`PeerUnreachable`: no connection (refused, reset, node down, link cut);
+* :class:`RequestTimeout`: no answer within the timeout;
+* :class:`PeerAuthError`: the peer could not prove the NodeID we expected;
+* :class:`PeerProtocolError`: the peer sent bytes that are not a valid frame;
+* :class:`RemoteError`: the peer answered with a refusal (code + message).
+
+The first four share the base :class:`PeerError` ("this peer did not give a
+usable answer; try another"), which is what routing code usually catches.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import trio
+
+from . import frames
+from .ids import short
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 10.0
+
+
+class WireError(Exception):
+    """Base of the wire layer's errors."""
+
+
+class PeerError(WireError):
+    """A peer gave no usable answer. ``peer_id`` names it when known."""
+
+    def __init__(self, msg: str, peer_id: bytes | None = None):
+        super().__init__(msg)
+        self.peer_id = peer_id
+
+
+class PeerUnreachable(PeerError):
+    """No connection to the peer: refused, reset, crashed, or link cut."""
+
+
+class RequestTimeout(PeerError):
+    """The peer did not answer within the request's timeout."""
+
+
+class PeerAuthError(PeerError):
+    """The peer could not prove the NodeID we expected (key mismatch, bad
+    proof, replayed or relayed proof). Logged as a security event."""
+
+
+class PeerProtocolError(PeerError):
+    """The peer sent a malformed frame; the connection was closed."""
+
+
+class RemoteError(WireError):
+    """The peer refused the request with a code (e.g. ``"not_found"``)."""
+
+    def __init__(self, code: str, msg: str, peer_id: bytes | None = None):
+        super().__init__(f"{code}: {msg}")
+        self.code = code
+        self.msg = msg
+        self.peer_id = peer_id
+
+
+class Refused(Exception):
+    """Raised by a request handler to refuse with a code and a message."""
+
+    def __init__(self, code: str, msg: str = ""):
+        super().__init__(f"{code}: {msg}")
+        self.code = code[:64]
+        self.msg = msg[:2048]
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """How to reach a node: its NodeID and its transport address."""
+
+    id: bytes
+    addr: str
+
+    def __repr__(self) -> str:
+        return f"Peer({short(self.id)}@{self.addr})"
+
+
+# handler(sender NodeID, message type, request body) -> reply body
+Handler = Callable[[bytes, str, dict], Awaitable[dict]]
+
+
+@dataclass
+class TransportStats:
+    """Counters of one transport, for benchmarks and ``inspect``."""
+
+    sent: Counter = field(default_factory=Counter)        # requests sent, by type
+    received: Counter = field(default_factory=Counter)    # requests handled, by type
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    errors: Counter = field(default_factory=Counter)      # by error class name
+
+    def total_sent(self) -> int:
+        return sum(self.sent.values())
+
+
+class Transport(abc.ABC):
+    """One node's endpoint on a network."""
+
+    def __init__(self, identity):
+        self.identity = identity
+        self.stats = TransportStats()
+
+    @property
+    def id(self) -> bytes:
+        return self.identity.id
+
+    @property
+    @abc.abstractmethod
+    def address(self) -> str | None:
+        """This node's address once :meth:`serve` has started, else None."""
+
+    @property
+    def peer(self) -> Peer:
+        """This node as others reach it."""
+        if self.address is None:
+            raise RuntimeError("transport is not serving yet")
+        return Peer(self.id, self.address)
+
+    @abc.abstractmethod
+    async def serve(self, handler: Handler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Accept requests and pass them to ``handler`` until cancelled.
+        Calls ``task_status.started(address)`` once reachable."""
+
+    @abc.abstractmethod
+    async def request(self, peer: Peer, msg_type: str, body: dict, *,
+                      timeout: float = DEFAULT_TIMEOUT) -> dict:
+        """Send a request and return the peer's reply body.
+        Raises PeerError subclasses or RemoteError (see module docstring)."""
+
+    async def aclose(self) -> None:
+        """Drop cached connections. Safe to call more than once."""
+
+
+class Dispatcher:
+    """A Handler that routes each message type to its own function, so that
+    several services (overlay, block store, inner ring) share one node."""
+
+    def __init__(self):
+        self._routes: dict[str, Callable[[bytes, dict], Awaitable[dict]]] = {}
+
+    def on(self, msg_type: str, fn: Callable[[bytes, dict], Awaitable[dict]]) -> None:
+        if msg_type not in frames.REGISTRY:
+            raise ValueError(f"message type {msg_type!r} has no registered schema")
+        if msg_type in self._routes:
+            raise ValueError(f"message type {msg_type!r} already has a handler")
+        self._routes[msg_type] = fn
+
+    def handles(self, msg_type: str) -> bool:
+        return msg_type in self._routes
+
+    async def __call__(self, sender: bytes, msg_type: str, body: dict) -> dict:
+        fn = self._routes.get(msg_type)
+        if fn is None:
+            raise Refused("unsupported", f"this node does not serve {msg_type}")
+        return await fn(sender, body)
+
+
+async def answer(handler: Handler, sender: bytes, frame: frames.Frame,
+                 max_frame: int = frames.DEFAULT_MAX_FRAME) -> bytes:
+    """Run ``handler`` on a decoded request frame; return the encoded reply
+    or error frame. Shared by both transports so they refuse alike."""
+    try:
+        reply = await handler(sender, frame.type, frame.body)
+        return frames.encode(frames.Kind.REPLY, frame.type, frame.id, reply, max_frame=max_frame)
+    except Refused as e:
+        return frames.encode(frames.Kind.ERROR, frame.type, frame.id,
+                             {"code": e.code, "msg": e.msg}, max_frame=max_frame)
+    except trio.Cancelled:
+        raise
+    except Exception as e:
+        log.exception("handler for %s from %s failed", frame.type, short(sender))
+        return frames.encode(frames.Kind.ERROR, frame.type, frame.id,
+                             {"code": "internal", "msg": f"{type(e).__name__}"},
+                             max_frame=max_frame)
+
+
+def reply_body(frame: frames.Frame, peer_id: bytes) -> dict:
+    """The body of a reply frame, or the RemoteError an error frame carries."""
+    if frame.kind == frames.Kind.ERROR:
+        raise RemoteError(frame.body["code"], frame.body["msg"], peer_id)
+    return frame.body
