@@ -1,0 +1,723 @@
+"""A node's local block store on LMDB (DESIGN.md "storage/blocks": each node
+keeps its blocks in LMDB, checked against their BGUID when read; quotas;
+refusal with a clear error when full).
+
+Blocks are opaque bytes here (sealed ciphertext, see ``storage.seal``) named
+by their BGUID = SHA-256(bytes). This module knows nothing of keys, kinds,
+replication or the network.
+
+On-disk layout: one LMDB environment (a directory holding ``data.mdb`` and
+``lock.mdb``) with these named databases. All keys are raw 32-byte BGUIDs
+except in ``meta``; integers are big-endian, times are float seconds since
+the Unix epoch (``>d``)::
+
+    blocks      BGUID -> the block's bytes, exactly as offered and verified
+    stamps      BGUID -> stored_at (>d): time of the last put (or revive),
+                         length (>I) of the block as verified at put
+    tombstones  BGUID -> epoch (>Q), deleted_at (>d)
+    quarantine  BGUID -> found_at (>d), then the bytes that failed verification
+    meta        b"format"      -> >I  layout version, FORMAT (1)
+                b"bytes"       -> >Q  sum of the lengths in ``stamps``
+                b"qbytes"      -> >Q  sum of bad-byte lengths over ``quarantine``
+                b"used"        -> >Q  bytes charged against the quota (below)
+                b"corruptions" -> >Q  corrupt copies found since creation
+
+Invariants, true after every committed transaction (every change below is
+a single LMDB write transaction, so a crash, ``kill -9`` included, leaves
+each put, batch, delete or quarantine move wholly done or not at all):
+
+I1  every value in ``blocks`` hashes to its key. Checked before a put
+    commits; since disk damage can break it behind LMDB's back (LMDB has no
+    checksums), checked again on every read: a value found violating it is
+    moved to ``quarantine`` (never served) and ``corruptions`` grows by one.
+I2  ``stamps`` has exactly the keys of ``blocks``.
+I3  no key is both in ``blocks`` and in ``tombstones``: a put of a
+    tombstoned BGUID is refused (BlockTombstoned) unless ``revive=True``,
+    which drops the tombstone in the same transaction.
+I4  the ``meta`` counters equal the sums they name. They are kept from the
+    lengths recorded in ``stamps``, so a damaged value (even a truncated
+    one) cannot skew them when it is quarantined.
+I5  ``used <= quota`` after every put: a put or batch that would exceed it is
+    refused whole (StoreFull). Only tombstones written by deletes of blocks
+    we did not hold may push ``used`` past the quota; deletes are never
+    refused, and ``purge_tombstones`` takes it back.
+
+Quota accounting charges what an entry costs in LMDB, not just its payload:
+a large value's overflow pages rounded up to the page size, a small value's
+leaf node, plus the stamp, quarantine or tombstone entry (``footprint``).
+B-tree branch pages, page fill and copy-on-write space are covered by map
+headroom instead: the map is sized at twice the quota plus 64 MiB, grown on
+MapFullError (then the put is retried once), and a put is refused with
+StoreFull before it can fail for lack of map or disk space.
+
+Garbage collection hooks (the collector itself lives above: likely
+mark-and-sweep from live roots with a grace period):
+
+* ``stored_at`` is refreshed by every put, even of a block already held, so
+  a writer that re-references an existing block (convergent encryption
+  deduplicates identical content) protects it from a sweep in progress;
+* ``delete_many(..., unless_stored_after=mark_time)`` deletes atomically only
+  blocks not put since the mark phase began, and tombstones them with the
+  collector's ``epoch``;
+* tombstones stop a holder that returns with stale copies (or replica repair
+  from one) from resurrecting collected blocks; ``purge_tombstones`` drops
+  them once every holder must have heard (after the grace period).
+
+Threads: every method is blocking and thread-safe. One environment per
+store directory per process (LMDB's locks are per process; opening the same
+directory twice in one process is refused). Writers are serialised by a
+lock; readers run concurrently; resizing the map waits for both. Async code
+calls through :class:`AsyncBlockStore`, which runs each call in a worker
+thread (``trio.to_thread.run_sync``) so the trio thread never waits on disk.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import struct
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import lmdb
+import trio
+
+from .errors import (
+    BlockCorrupt,
+    BlockNotFound,
+    BlockTombstoned,
+    BlockTooLarge,
+    StorageError,
+    StoreClosed,
+    StoreFormatError,
+    StoreFull,
+)
+from .seal import MAX_SEALED
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+BGUID_BYTES = 32
+DEFAULT_QUOTA = 1 << 30
+DEFAULT_MIN_DISK_FREE = 64 << 20
+MAP_HEADROOM = 64 << 20
+
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_TIME = struct.Struct(">d")
+_STAMP = struct.Struct(">dI")
+_TOMB = struct.Struct(">Qd")
+STAMP_BYTES = _STAMP.size
+TOMBSTONE_BYTES = _TOMB.size
+
+# LMDB page geometry (mdb.c): a leaf node is an 8-byte header, the key and
+# the value, plus a 2-byte slot in its page; a value too large for a node
+# moves to its own overflow pages, each run with a 16-byte page header.
+_NODE = 8
+_SLOT = 2
+_PAGE_HDR = 16
+_ENTRY_SMALL = _NODE + BGUID_BYTES + _SLOT  # an entry without its value
+
+
+@dataclass(frozen=True, slots=True)
+class Tombstone:
+    """A record that a block was deleted: by which GC epoch, and when."""
+
+    epoch: int
+    deleted_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    blocks: int               # blocks held
+    bytes: int                # their payload bytes
+    used: int                 # bytes charged against the quota
+    quota: int
+    free: int                 # quota - used (never negative)
+    quarantined: int          # copies held in quarantine
+    quarantined_bytes: int
+    corruptions: int          # corrupt copies detected since creation
+    tombstones: int
+    map_size: int             # LMDB's current map size
+
+
+class _Gate:
+    """Many concurrent transactions, or one map resize: ``set_mapsize``
+    invalidates every open transaction of the process, so it waits until
+    none is open and holds new ones back meanwhile."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._active = 0
+        self._resizing = False
+
+    @contextmanager
+    def shared(self):
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                if not self._active:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self):
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._resizing = True
+            while self._active:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._resizing = False
+                self._cond.notify_all()
+
+
+class BlockStore:
+    """Blocks of one node, in LMDB at ``path`` (a directory, created if
+    missing). See the module docstring for layout and invariants.
+
+    ``quota``: bytes that may be charged (see :func:`footprint`);
+    ``max_block``: the largest block accepted (default: a sealed 64 KiB block);
+    ``min_disk_free``: bytes left free on the file system under the store;
+    ``sync``: fsync every commit, so acknowledged puts survive power loss (a
+    killed process loses nothing committed either way);
+    ``map_size``: initial LMDB map (default twice the quota plus 64 MiB; it
+    grows up to four times that);
+    ``clock``: the time source of stamps and tombstones.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, quota: int = DEFAULT_QUOTA,
+                 max_block: int = MAX_SEALED, min_disk_free: int = DEFAULT_MIN_DISK_FREE,
+                 sync: bool = True, map_size: int | None = None,
+                 clock: Callable[[], float] = time.time):
+        if quota <= 0:
+            raise ValueError("quota must be positive")
+        self.path = Path(path)
+        self.quota = quota
+        self.max_block = max_block
+        self.min_disk_free = min_disk_free
+        self._clock = clock
+        self._wlock = threading.Lock()
+        self._gate = _Gate()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"cannot create block store directory {self.path}: {e}") from None
+        # LMDB maps the file's address space, not memory, and the file grows
+        # only as pages are written, so a generous map costs nothing.
+        self._map_size = _round_up(map_size or 2 * quota + MAP_HEADROOM, 1 << 20)
+        self._max_map = 4 * self._map_size
+        try:
+            self._env = lmdb.open(str(self.path), map_size=self._map_size, max_dbs=8,
+                                  sync=sync, metasync=sync, readahead=False, lock=True)
+        except (lmdb.InvalidError, lmdb.VersionMismatchError, lmdb.CorruptedError) as e:
+            raise StoreFormatError(f"{self.path} is not a block store LMDB: {e}") from None
+        except lmdb.Error as e:
+            raise StorageError(f"cannot open block store {self.path}: {e}") from None
+        try:
+            self._open_dbs()
+        except BaseException:
+            self._env.close()
+            raise
+        self._map_size = self._env.info()["map_size"]  # a grown map stays grown
+        self._max_map = max(self._max_map, self._map_size)
+        psize = self._env.stat()["psize"]
+        self._footprint = functools.partial(footprint, psize=psize)
+
+    def _open_dbs(self) -> None:
+        env = self._env
+        with env.begin(write=True) as txn:
+            names = set(env.dbs(txn)) if hasattr(env, "dbs") else set()
+            self._meta = env.open_db(b"meta", txn=txn)
+            fmt = txn.get(b"format", db=self._meta)
+            if fmt is None and names - {b"meta"}:
+                raise StoreFormatError(f"{self.path} holds an LMDB that is not a block store")
+            if fmt is not None and (len(fmt) != 4 or _U32.unpack(fmt)[0] != FORMAT):
+                raise StoreFormatError(
+                    f"{self.path}: block store format {fmt.hex()} is not supported "
+                    f"(this code reads format {FORMAT})")
+            self._blocks = env.open_db(b"blocks", txn=txn)
+            self._stamps = env.open_db(b"stamps", txn=txn)
+            self._tombs = env.open_db(b"tombstones", txn=txn)
+            self._quar = env.open_db(b"quarantine", txn=txn)
+            if fmt is None:
+                txn.put(b"format", _U32.pack(FORMAT), db=self._meta)
+
+    # ------------------------------------------------------------------
+    # Lifecycle
+
+    def close(self) -> None:
+        """Close the environment; waits for calls in flight. Idempotent."""
+        with self._wlock, self._gate.exclusive():
+            if self._env is not None:
+                self._env.close()
+                self._env = None
+
+    def __enter__(self) -> "BlockStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._env is None
+
+    # ------------------------------------------------------------------
+    # Reads
+
+    def get(self, bguid: bytes) -> bytes:
+        """The block's bytes, verified against ``bguid``. Raises
+        BlockNotFound, or BlockCorrupt after moving a bad copy to quarantine."""
+        _check_bguid(bguid)
+        with self._read() as txn:
+            data = txn.get(bguid, db=self._blocks)
+        if data is None:
+            raise BlockNotFound(f"block {bguid.hex()[:16]} is not stored here", bguid)
+        if hashlib.sha256(data).digest() != bguid:
+            self._quarantine(bguid, data)
+            raise BlockCorrupt(f"stored copy of block {bguid.hex()[:16]} is corrupt; quarantined",
+                               bguid)
+        return data
+
+    def get_many(self, bguids: Iterable[bytes]) -> dict[bytes, bytes]:
+        """The verified blocks among ``bguids`` that are held here. Missing
+        ones are left out; corrupt ones are quarantined and left out."""
+        want = list(dict.fromkeys(bguids))
+        for g in want:
+            _check_bguid(g)
+        with self._read() as txn:
+            found = {g: d for g in want if (d := txn.get(g, db=self._blocks)) is not None}
+        for g, d in list(found.items()):
+            if hashlib.sha256(d).digest() != g:
+                self._quarantine(g, d)
+                del found[g]
+        return found
+
+    def has(self, bguid: bytes) -> bool:
+        """Whether a block is held (not verified; ``get`` verifies)."""
+        return self.has_many([bguid])[0]
+
+    def has_many(self, bguids: Iterable[bytes]) -> list[bool]:
+        bguids = list(bguids)
+        for g in bguids:
+            _check_bguid(g)
+        with self._read() as txn:
+            return [txn.get(g, db=self._stamps) is not None for g in bguids]
+
+    def stored_at(self, bguid: bytes) -> float | None:
+        """When the block was last put (or revived), or None if not held."""
+        _check_bguid(bguid)
+        with self._read() as txn:
+            v = txn.get(bguid, db=self._stamps)
+        return None if v is None else _STAMP.unpack(v)[0]
+
+    def list_bguids(self, after: bytes | None = None, limit: int = 1000) -> list[bytes]:
+        """Up to ``limit`` BGUIDs held, in byte order, strictly after
+        ``after``; page through all of them by passing the last one back."""
+        return self._list(self._stamps, after, limit)
+
+    def __iter__(self) -> Iterator[bytes]:
+        """All BGUIDs held, paged so that no transaction stays open while the
+        caller works (blocks added or deleted meanwhile may or may not show)."""
+        after = None
+        while page := self.list_bguids(after, 1000):
+            yield from page
+            after = page[-1]
+
+    def tombstone(self, bguid: bytes) -> Tombstone | None:
+        _check_bguid(bguid)
+        with self._read() as txn:
+            v = txn.get(bguid, db=self._tombs)
+        return None if v is None else Tombstone(*_TOMB.unpack(v))
+
+    def tombstones(self, after: bytes | None = None, limit: int = 1000) -> list[tuple[bytes, Tombstone]]:
+        """A page of tombstones in BGUID order, strictly after ``after``."""
+        with self._read() as txn:
+            return [(k, Tombstone(*_TOMB.unpack(v)))
+                    for k, v in self._page(txn, self._tombs, after, limit)]
+
+    def quarantined(self, after: bytes | None = None, limit: int = 100) -> list[tuple[bytes, float, bytes]]:
+        """A page of quarantined copies: (BGUID, found_at, the bad bytes)."""
+        with self._read() as txn:
+            return [(k, _TIME.unpack_from(v)[0], bytes(v[_TIME.size:]))
+                    for k, v in self._page(txn, self._quar, after, limit)]
+
+    def stats(self) -> StoreStats:
+        with self._read() as txn:
+            c = self._counters(txn)
+            n_blocks = txn.stat(self._blocks)["entries"]
+            n_quar = txn.stat(self._quar)["entries"]
+            n_tombs = txn.stat(self._tombs)["entries"]
+        return StoreStats(
+            blocks=n_blocks, bytes=c["bytes"], used=c["used"], quota=self.quota,
+            free=max(0, self.quota - c["used"]), quarantined=n_quar,
+            quarantined_bytes=c["qbytes"], corruptions=c["corruptions"],
+            tombstones=n_tombs, map_size=self._map_size)
+
+    # ------------------------------------------------------------------
+    # Writes
+
+    def put(self, bguid: bytes, data: bytes, *, revive: bool = False) -> bool:
+        """Store one block; True if it was not held before. See put_many."""
+        return self.put_many([(bguid, data)], revive=revive) == 1
+
+    def put_many(self, items: Iterable[tuple[bytes, bytes]], *, revive: bool = False) -> int:
+        """Store blocks atomically: all of them, or (on any error) none.
+        Returns how many were not held before.
+
+        Each block is checked against its BGUID first (BlockCorrupt) and
+        against ``max_block`` (BlockTooLarge). A tombstoned BGUID is refused
+        (BlockTombstoned) unless ``revive``. StoreFull if the quota, the disk
+        or the LMDB map cannot take the batch. A block already held has its
+        ``stored_at`` refreshed; if the copy held differs from the verified
+        one offered, the held copy was corrupt and is replaced (and its bytes
+        quarantined)."""
+        batch: dict[bytes, bytes] = {}
+        for g, d in items:
+            _check_bguid(g)
+            d = bytes(d)
+            if len(d) > self.max_block:
+                raise BlockTooLarge(
+                    f"block {g.hex()[:16]} of {len(d)} bytes exceeds this store's limit "
+                    f"of {self.max_block}", g)
+            if hashlib.sha256(d).digest() != g:
+                raise BlockCorrupt(f"bytes offered as block {g.hex()[:16]} do not hash to it", g)
+            batch[g] = d
+        if not batch:
+            return 0
+        self._check_disk(sum(len(d) for d in batch.values()))
+        now = self._clock()
+
+        def apply(txn) -> int:
+            c = self._counters(txn)
+            new = 0
+            for g, d in batch.items():
+                if txn.get(g, db=self._tombs) is not None:
+                    if not revive:
+                        raise BlockTombstoned(
+                            f"block {g.hex()[:16]} was deleted here; put with revive=True "
+                            "to store it again", g)
+                    txn.delete(g, db=self._tombs)
+                    c["used"] -= self._footprint(_TOMB.size)
+                stamp = _STAMP.pack(now, len(d))
+                held = txn.get(g, db=self._blocks)
+                if held == d:
+                    txn.put(g, stamp, db=self._stamps)
+                    continue
+                old_stamp = txn.get(g, db=self._stamps)
+                if old_stamp is None:
+                    new += 1
+                    c["used"] += self._footprint(len(d)) + self._footprint(_STAMP.size)
+                else:
+                    log.warning("block %s: held copy is corrupt, replaced by a verified one",
+                                g.hex()[:16])
+                    self._move_to_quarantine(txn, c, g, held or b"", old_stamp, now)
+                    c["used"] += self._footprint(len(d))  # its stamp is charged already
+                txn.put(g, d, db=self._blocks)
+                txn.put(g, stamp, db=self._stamps)
+                c["bytes"] += len(d)
+            if c["used"] > self.quota:
+                st = c["used"] - self.quota
+                raise StoreFull(f"block store quota of {self.quota} bytes would be exceeded "
+                                f"by {st} bytes; nothing of this batch was stored")
+            self._put_counters(txn, c)
+            return new
+
+        return self._write(apply)
+
+    def delete(self, bguid: bytes, *, epoch: int = 0, tombstone: bool = True,
+               unless_stored_after: float | None = None) -> bool:
+        """Delete one block; True if it was held. See delete_many."""
+        return bool(self.delete_many([bguid], epoch=epoch, tombstone=tombstone,
+                                     unless_stored_after=unless_stored_after))
+
+    def delete_many(self, bguids: Iterable[bytes], *, epoch: int = 0, tombstone: bool = True,
+                    unless_stored_after: float | None = None) -> list[bytes]:
+        """Delete blocks in one transaction; returns those that were held
+        and removed. With ``tombstone`` (the default) a tombstone of
+        ``epoch`` is recorded for each, held or not, so stale copies are not
+        stored again. With ``unless_stored_after``, a block put at or after
+        that time is kept (a GC sweep spares blocks written since its mark
+        began). Deletes are never refused for quota."""
+        bguids = list(dict.fromkeys(bguids))
+        for g in bguids:
+            _check_bguid(g)
+        tomb = _TOMB.pack(epoch, self._clock())
+
+        def apply(txn) -> list[bytes]:
+            c = self._counters(txn)
+            removed = []
+            for g in bguids:
+                st = txn.get(g, db=self._stamps)
+                if st is not None:
+                    when, n = _STAMP.unpack(st)
+                    if unless_stored_after is not None and when >= unless_stored_after:
+                        continue
+                    txn.delete(g, db=self._blocks)
+                    txn.delete(g, db=self._stamps)
+                    c["bytes"] -= n
+                    c["used"] -= self._footprint(n) + self._footprint(_STAMP.size)
+                    removed.append(g)
+                if tombstone:
+                    if txn.get(g, db=self._tombs) is None:
+                        c["used"] += self._footprint(_TOMB.size)
+                    txn.put(g, tomb, db=self._tombs)
+            self._put_counters(txn, c)
+            return removed
+
+        return self._write(apply)
+
+    def purge_tombstones(self, *, before_epoch: int | None = None,
+                         older_than: float | None = None) -> int:
+        """Drop tombstones of an epoch below ``before_epoch`` or written
+        before ``older_than`` (at least one must be given); returns how many.
+        After this a stale copy of those blocks would be accepted again, so
+        purge only past the collector's grace period."""
+        if before_epoch is None and older_than is None:
+            raise ValueError("purge_tombstones needs before_epoch or older_than")
+
+        def apply(txn) -> int:
+            c = self._counters(txn)
+            doomed = []
+            for g, v in txn.cursor(db=self._tombs):
+                epoch, when = _TOMB.unpack(v)
+                if ((before_epoch is not None and epoch < before_epoch)
+                        or (older_than is not None and when < older_than)):
+                    doomed.append(g)
+            for g in doomed:
+                txn.delete(g, db=self._tombs)
+            c["used"] -= len(doomed) * self._footprint(_TOMB.size)
+            self._put_counters(txn, c)
+            return len(doomed)
+
+        return self._write(apply)
+
+    def purge_quarantine(self) -> int:
+        """Drop every quarantined copy (after fsck or an operator looked);
+        returns how many."""
+
+        def apply(txn) -> int:
+            c = self._counters(txn)
+            n = 0
+            for _, v in txn.cursor(db=self._quar):
+                c["qbytes"] -= len(v) - _TIME.size
+                c["used"] -= self._footprint(len(v))
+                n += 1
+            txn.drop(self._quar, delete=False)
+            self._put_counters(txn, c)
+            return n
+
+        return self._write(apply)
+
+    # ------------------------------------------------------------------
+    # Internals
+
+    def _quarantine(self, bguid: bytes, bad: bytes) -> None:
+        log.error("block %s failed verification in %s; moved to quarantine",
+                  bguid.hex()[:16], self.path)
+
+        def apply(txn) -> None:
+            # Move only the copy we saw: another thread may have quarantined
+            # it already, or replaced it by a verified copy, meanwhile.
+            stamp = txn.get(bguid, db=self._stamps)
+            if stamp is None or txn.get(bguid, db=self._blocks) != bad:
+                return
+            c = self._counters(txn)
+            self._move_to_quarantine(txn, c, bguid, bad, stamp, self._clock())
+            txn.delete(bguid, db=self._stamps)
+            c["used"] -= self._footprint(_STAMP.size)
+            self._put_counters(txn, c)
+
+        self._write(apply)
+
+    def _move_to_quarantine(self, txn, c: dict, g: bytes, bad: bytes, stamp: bytes,
+                            now: float) -> None:
+        """Within ``txn``: take ``bad`` out of ``blocks`` (its stamp stays;
+        the caller decides) and keep it in ``quarantine``."""
+        txn.delete(g, db=self._blocks)
+        n = _STAMP.unpack(stamp)[1]  # the length verified at put, not len(bad)
+        c["bytes"] -= n
+        c["used"] -= self._footprint(n)
+        old = txn.get(g, db=self._quar)
+        if old is not None:
+            c["qbytes"] -= len(old) - _TIME.size
+            c["used"] -= self._footprint(len(old))
+        q = _TIME.pack(now) + bad
+        txn.put(g, q, db=self._quar)
+        c["qbytes"] += len(bad)
+        c["used"] += self._footprint(len(q))
+        c["corruptions"] += 1
+
+    _COUNTERS = ("bytes", "qbytes", "used", "corruptions")
+
+    def _counters(self, txn) -> dict[str, int]:
+        out = {}
+        for name in self._COUNTERS:
+            v = txn.get(name.encode(), db=self._meta)
+            out[name] = 0 if v is None else _U64.unpack(v)[0]
+        return out
+
+    def _put_counters(self, txn, c: dict[str, int]) -> None:
+        for name in self._COUNTERS:
+            if c[name] < 0:  # would mean a bookkeeping bug: fail the txn, keep the data
+                raise AssertionError(f"block store counter {name} would go negative")
+            txn.put(name.encode(), _U64.pack(c[name]), db=self._meta)
+
+    def _check_disk(self, incoming: int) -> None:
+        try:
+            free = shutil.disk_usage(self.path).free
+        except OSError as e:
+            raise StorageError(f"cannot stat the disk under {self.path}: {e}") from None
+        if free < incoming + self.min_disk_free:
+            raise StoreFull(f"disk under {self.path} has {free} bytes free; keeping "
+                            f"{self.min_disk_free} in reserve")
+
+    @contextmanager
+    def _read(self):
+        with self._gate.shared():
+            env = self._live()
+            with env.begin(buffers=False) as txn:
+                yield txn
+
+    def _write(self, apply):
+        """Run ``apply(txn)`` in one write transaction and commit it. On
+        MapFullError the map is grown and the whole transaction retried once;
+        if it cannot grow, StoreFull. A disk error is StoreFull as well."""
+        with self._wlock:
+            for attempt in range(2):
+                try:
+                    with self._gate.shared():
+                        env = self._live()
+                        with env.begin(write=True) as txn:
+                            return apply(txn)
+                except lmdb.MapFullError:
+                    if attempt or not self._grow():
+                        raise StoreFull(f"LMDB map of {self.path} is full at "
+                                        f"{self._map_size} bytes and cannot grow") from None
+                except lmdb.DiskError as e:
+                    raise StoreFull(f"disk error writing {self.path}: {e}") from None
+
+    def _grow(self) -> bool:
+        """Double the map (up to 4x its initial size). Caller holds _wlock."""
+        new = min(self._map_size * 2, self._max_map)
+        if new <= self._map_size:
+            return False
+        with self._gate.exclusive():
+            self._live().set_mapsize(new)
+            self._map_size = self._env.info()["map_size"]
+        log.info("block store %s: LMDB map grown to %d bytes", self.path, self._map_size)
+        return True
+
+    def _live(self):
+        env = self._env
+        if env is None:
+            raise StoreClosed(f"block store {self.path} is closed")
+        return env
+
+    def _list(self, db, after: bytes | None, limit: int) -> list[bytes]:
+        with self._read() as txn:
+            return [k for k, _ in self._page(txn, db, after, limit)]
+
+    @staticmethod
+    def _page(txn, db, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        if limit <= 0:
+            return []
+        cur = txn.cursor(db=db)
+        ok = cur.set_range(after) if after is not None else cur.first()
+        out = []
+        while ok and len(out) < limit:
+            k = cur.key()
+            if k != after:
+                out.append((k, cur.value()))
+            ok = cur.next()
+        return out
+
+
+def footprint(value_len: int, *, psize: int = 4096) -> int:
+    """Bytes an entry with a 32-byte key and a value of ``value_len`` bytes
+    is charged: its overflow pages when the value is too large for a leaf
+    node (LMDB's ``me_nodemax``), else its leaf node and slot."""
+    nodemax = (((psize - _PAGE_HDR) // 2) & ~1) - _SLOT
+    if _NODE + BGUID_BYTES + value_len >= nodemax:
+        pages = (_PAGE_HDR - 1 + value_len) // psize + 1
+        return pages * psize + _ENTRY_SMALL + 8  # the node keeps an 8-byte page number
+    return _ENTRY_SMALL + value_len + (value_len & 1)
+
+
+def _check_bguid(g: bytes) -> None:
+    if type(g) is not bytes or len(g) != BGUID_BYTES:
+        raise ValueError(f"a BGUID is {BGUID_BYTES} bytes, got {type(g).__name__} "
+                         f"of length {len(g) if isinstance(g, (bytes, bytearray)) else '?'}")
+
+
+def _round_up(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
+
+
+class AsyncBlockStore:
+    """The same store for trio code: each call runs in a worker thread, so
+    disk waits and hashing never block the trio thread. Cancelling a caller
+    waits for its call to finish (an LMDB transaction is never abandoned
+    half way), then raises Cancelled.
+
+    ``inline=True`` runs calls on the trio thread instead. Only for
+    simulations on virtual time: with ``MockClock(autojump_threshold=0)`` a
+    task waiting on a worker thread counts as idle, so the clock would jump
+    past every timeout while the thread works."""
+
+    def __init__(self, store: BlockStore, limiter: trio.CapacityLimiter | None = None, *,
+                 inline: bool = False):
+        self.store = store
+        self.inline = inline
+        self._limiter = limiter or trio.CapacityLimiter(4)
+
+    async def _run(self, fn, *args, **kw):
+        if self.inline:
+            await trio.lowlevel.checkpoint()
+            return fn(*args, **kw)
+        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kw),
+                                             limiter=self._limiter)
+
+    async def get(self, bguid: bytes) -> bytes:
+        return await self._run(self.store.get, bguid)
+
+    async def get_many(self, bguids: Iterable[bytes]) -> dict[bytes, bytes]:
+        return await self._run(self.store.get_many, list(bguids))
+
+    async def has_many(self, bguids: Iterable[bytes]) -> list[bool]:
+        return await self._run(self.store.has_many, list(bguids))
+
+    async def put(self, bguid: bytes, data: bytes, *, revive: bool = False) -> bool:
+        return await self._run(self.store.put, bguid, data, revive=revive)
+
+    async def put_many(self, items: Iterable[tuple[bytes, bytes]], *, revive: bool = False) -> int:
+        return await self._run(self.store.put_many, list(items), revive=revive)
+
+    async def delete_many(self, bguids: Iterable[bytes], **kw) -> list[bytes]:
+        return await self._run(self.store.delete_many, list(bguids), **kw)
+
+    async def list_bguids(self, after: bytes | None = None, limit: int = 1000) -> list[bytes]:
+        return await self._run(self.store.list_bguids, after, limit)
+
+    async def tombstone(self, bguid: bytes) -> Tombstone | None:
+        return await self._run(self.store.tombstone, bguid)
+
+    async def stats(self) -> StoreStats:
+        return await self._run(self.store.stats)

@@ -1,0 +1,589 @@
+"""The node-local block store (storage/blockstore.py): verification on every
+read, quarantine of damaged copies (damaged through LMDB and through the file
+itself), quotas, tombstones, persistence, crash safety under kill -9, and a
+property test against a dict model."""
+
+import hashlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import lmdb
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from storage.blockstore import (
+    STAMP_BYTES,
+    TOMBSTONE_BYTES,
+    AsyncBlockStore,
+    BlockStore,
+    footprint,
+)
+from storage.errors import (
+    BlockCorrupt,
+    BlockNotFound,
+    BlockTombstoned,
+    BlockTooLarge,
+    StorageError,
+    StoreClosed,
+    StoreFormatError,
+    StoreFull,
+)
+from storage.seal import MAX_SEALED
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def blk(n: int, rng=random) -> tuple[bytes, bytes]:
+    data = rng.randbytes(n)
+    return hashlib.sha256(data).digest(), data
+
+
+class Clock:
+    def __init__(self, t=1000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.fixture
+def path(tmp_path):
+    return tmp_path / "blocks"
+
+
+@pytest.fixture
+def store(path):
+    s = BlockStore(path, quota=16 << 20, sync=False)
+    yield s
+    s.close()
+
+
+def raw_put(path, db_name: bytes, key: bytes, value: bytes):
+    """Write straight into the store's LMDB, bypassing every check (the store
+    must be closed: one environment per process)."""
+    env = lmdb.open(str(path), max_dbs=8)
+    try:
+        db = env.open_db(db_name, create=False)
+        with env.begin(write=True) as txn:
+            txn.put(key, value, db=db)
+    finally:
+        env.close()
+
+
+# --------------------------------------------------------------------------
+# Basics
+
+
+def test_put_get_has_delete(store):
+    g, d = blk(5000)
+    assert not store.has(g)
+    assert store.put(g, d) is True
+    assert store.put(g, d) is False  # already held: idempotent
+    assert store.has(g) and store.get(g) == d
+    assert store.delete(g) is True
+    assert not store.has(g)
+    with pytest.raises(BlockNotFound):
+        store.get(g)
+    assert store.delete(g) is False
+
+
+def test_put_of_bytes_not_matching_bguid_refused(store):
+    g, d = blk(100)
+    with pytest.raises(BlockCorrupt, match="do not hash"):
+        store.put(g, d + b"x")
+    assert not store.has(g) and store.stats().blocks == 0
+
+
+def test_too_large_refused(store):
+    data = bytes(MAX_SEALED + 1)
+    with pytest.raises(BlockTooLarge):
+        store.put(hashlib.sha256(data).digest(), data)
+    g, d = blk(MAX_SEALED)
+    assert store.put(g, d)
+
+
+def test_bad_bguid_is_a_caller_error(store):
+    with pytest.raises(ValueError):
+        store.get(b"short")
+    with pytest.raises(ValueError):
+        store.put("x" * 32, b"")
+
+
+def test_get_many_has_many_and_listing(store):
+    items = [blk(n) for n in (10, 3000, 70, 60000, 1)]
+    assert store.put_many(items) == 5
+    missing = hashlib.sha256(b"nope").digest()
+    got = store.get_many([g for g, _ in items] + [missing])
+    assert got == dict(items)
+    assert store.has_many([items[0][0], missing]) == [True, False]
+    all_ids = sorted(g for g, _ in items)
+    assert list(store) == all_ids
+    assert store.list_bguids(limit=2) == all_ids[:2]
+    assert store.list_bguids(after=all_ids[1], limit=10) == all_ids[2:]
+    assert store.list_bguids(after=all_ids[-1]) == []
+
+
+def test_stats(store):
+    items = [blk(n) for n in (100, 20000, 60000)]
+    store.put_many(items)
+    s = store.stats()
+    assert s.blocks == 3 and s.bytes == 80100
+    assert s.used == sum(footprint(len(d)) + footprint(STAMP_BYTES) for _, d in items)
+    assert s.free == s.quota - s.used
+    assert (s.quarantined, s.corruptions, s.tombstones) == (0, 0, 0)
+
+
+# --------------------------------------------------------------------------
+# Damage on disk
+
+
+def test_flipped_bytes_through_lmdb_detected_and_quarantined(path):
+    g, d = blk(4000)
+    with BlockStore(path, sync=False) as s:
+        s.put(g, d)
+    bad = bytearray(d)
+    bad[1234] ^= 0x40
+    raw_put(path, b"blocks", g, bytes(bad))
+    with BlockStore(path, sync=False) as s:
+        assert s.has(g)
+        with pytest.raises(BlockCorrupt, match="quarantined"):
+            s.get(g)
+        # never served again, and the bad copy is kept aside, not lost
+        assert not s.has(g)
+        with pytest.raises(BlockNotFound):
+            s.get(g)
+        st_ = s.stats()
+        assert (st_.blocks, st_.bytes, st_.quarantined, st_.corruptions) == (0, 0, 1, 1)
+        assert st_.quarantined_bytes == len(d)
+        [(qg, _, qdata)] = s.quarantined()
+        assert qg == g and qdata == bytes(bad)
+        # a verified copy from elsewhere repairs it
+        assert s.put(g, d) and s.get(g) == d
+        assert s.purge_quarantine() == 1
+        assert s.stats().quarantined == 0
+        assert s.stats().used == footprint(len(d)) + footprint(STAMP_BYTES)
+
+
+def test_flipped_bytes_in_the_file_detected(path):
+    g, d = blk(50000)
+    other_g, other_d = blk(3000)
+    with BlockStore(path, sync=False) as s:
+        s.put_many([(g, d), (other_g, other_d)])
+    f = path / "data.mdb"
+    raw = bytearray(f.read_bytes())
+    at = raw.find(d[1000:1100])
+    assert at >= 0
+    raw[at + 50] ^= 0xFF
+    f.write_bytes(raw)
+    with BlockStore(path, sync=False) as s:
+        assert s.get_many([g, other_g]) == {other_g: other_d}
+        assert s.stats().corruptions == 1 and not s.has(g)
+
+
+def test_held_corrupt_copy_is_replaced_by_a_verified_put(path):
+    g, d = blk(3000)
+    with BlockStore(path, sync=False) as s:
+        s.put(g, d)
+    raw_put(path, b"blocks", g, b"garbage")
+    with BlockStore(path, sync=False) as s:
+        assert s.put(g, d) is False  # held already, but the held copy was bad
+        assert s.get(g) == d
+        st_ = s.stats()
+        assert st_.corruptions == 1 and st_.quarantined == 1 and st_.bytes == len(d)
+
+
+# --------------------------------------------------------------------------
+# Quota and space
+
+
+def test_quota_refusal_is_whole_and_clear(path):
+    quota = 1 << 20
+    with BlockStore(path, quota=quota, sync=False) as s:
+        stored = []
+        with pytest.raises(StoreFull, match="quota"):
+            for _ in range(100):
+                g, d = blk(60000)
+                s.put(g, d)
+                stored.append(g)
+        assert 10 <= len(stored) < 100
+        before = s.stats()
+        assert before.used <= quota
+        # a batch that does not fit is refused whole, even its small members
+        small = blk(10)
+        with pytest.raises(StoreFull):
+            s.put_many([small, blk(60000), blk(60000)])
+        assert s.stats() == before and not s.has(small[0])
+        # space comes back with deletes
+        s.delete_many(stored[:3])
+        assert s.put_many([small, blk(60000)]) == 2
+        assert s.stats().used <= quota
+
+
+def test_disk_reserve_refused(path):
+    with BlockStore(path, sync=False, min_disk_free=1 << 62) as s:
+        with pytest.raises(StoreFull, match="disk"):
+            s.put(*blk(10))
+
+
+def test_map_grows_and_never_raises_map_full(path):
+    # A map far smaller than the quota: the store must grow it, and refuse
+    # with StoreFull (not MapFullError) once it may grow no further.
+    with BlockStore(path, quota=1 << 30, map_size=1 << 20, sync=False) as s:
+        first = s.stats().map_size
+        held = []
+        with pytest.raises(StoreFull, match="map"):
+            for _ in range(200):
+                g, d = blk(60000)
+                s.put(g, d)
+                held.append((g, d))
+        assert s.stats().map_size > first
+        assert len(held) > (1 << 20) // 60000
+        assert all(s.get(g) == d for g, d in held)
+
+
+def test_concurrent_readers_while_the_map_grows(path):
+    with BlockStore(path, quota=1 << 30, map_size=1 << 20, sync=False) as s:
+        seed = [blk(2000) for _ in range(20)]
+        s.put_many(seed)
+        errors = []
+        stop = threading.Event()
+
+        def reader():
+            try:
+                while not stop.is_set():
+                    for g, d in seed:
+                        assert s.get(g) == d
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=reader) for _ in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            for _ in range(60):
+                try:
+                    s.put(*blk(60000))
+                except StoreFull:
+                    break
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert not errors
+        assert s.stats().map_size > 1 << 20
+
+
+# --------------------------------------------------------------------------
+# Tombstones and GC primitives
+
+
+def test_tombstone_refuses_stale_put_until_revived(path):
+    clock = Clock(1000.0)
+    g, d = blk(500)
+    with BlockStore(path, sync=False, clock=clock) as s:
+        s.put(g, d)
+        clock.t = 1010.0
+        assert s.delete(g, epoch=7)
+        t = s.tombstone(g)
+        assert (t.epoch, t.deleted_at) == (7, 1010.0)
+        with pytest.raises(BlockTombstoned, match="revive"):
+            s.put(g, d)
+        with pytest.raises(BlockTombstoned):
+            s.put_many([blk(10), (g, d)])
+        assert s.stats().blocks == 0  # the batch was refused whole
+        assert s.put(g, d, revive=True)
+        assert s.tombstone(g) is None and s.get(g) == d
+
+
+def test_delete_of_a_block_not_held_still_tombstones(store):
+    g, d = blk(100)
+    assert store.delete(g, epoch=3) is False
+    assert store.tombstone(g).epoch == 3
+    with pytest.raises(BlockTombstoned):
+        store.put(g, d)
+    assert store.stats().tombstones == 1
+    assert store.stats().used == footprint(TOMBSTONE_BYTES)
+
+
+def test_delete_without_tombstone(store):
+    g, d = blk(100)
+    store.put(g, d)
+    store.delete(g, tombstone=False)
+    assert store.tombstone(g) is None
+    assert store.put(g, d)
+
+
+def test_purge_tombstones_by_epoch_and_age(path):
+    clock = Clock(100.0)
+    with BlockStore(path, sync=False, clock=clock) as s:
+        a, b, c = (blk(10)[0] for _ in range(3))
+        s.delete(a, epoch=1)
+        clock.t = 200.0
+        s.delete(b, epoch=2)
+        clock.t = 300.0
+        s.delete(c, epoch=3)
+        assert s.purge_tombstones(before_epoch=2) == 1
+        assert s.purge_tombstones(older_than=250.0) == 1
+        assert [g for g, _ in s.tombstones()] == [c]
+        assert s.stats().used == footprint(TOMBSTONE_BYTES)
+        with pytest.raises(ValueError):
+            s.purge_tombstones()
+
+
+def test_sweep_spares_blocks_put_since_the_mark(path):
+    clock = Clock(100.0)
+    with BlockStore(path, sync=False, clock=clock) as s:
+        old, fresh, touched = blk(10), blk(10), blk(10)
+        s.put_many([old, touched])
+        clock.t = 200.0
+        mark = 150.0
+        s.put(*fresh)
+        s.put(*touched)  # re-referenced since the mark: stamp refreshed
+        assert s.stored_at(touched[0]) == 200.0
+        removed = s.delete_many([old[0], fresh[0], touched[0]], epoch=1,
+                                unless_stored_after=mark)
+        assert removed == [old[0]]
+        assert s.has(fresh[0]) and s.has(touched[0]) and not s.has(old[0])
+        # Spared blocks get no tombstone; collected ones do.
+        assert s.tombstone(fresh[0]) is None and s.tombstone(old[0]) is not None
+
+
+# --------------------------------------------------------------------------
+# Persistence, formats, lifecycle
+
+
+def test_reopen_keeps_everything(path):
+    items = [blk(n) for n in (1, 100, 5000, 60000)]
+    gone = blk(10)
+    with BlockStore(path) as s:  # sync=True: the real configuration
+        s.put_many(items + [gone])
+        s.delete(gone[0], epoch=4)
+        before = s.stats()
+    with BlockStore(path) as s:
+        assert s.stats() == before
+        assert all(s.get(g) == d for g, d in items)
+        assert s.tombstone(gone[0]).epoch == 4
+
+
+def test_unknown_format_refused(path):
+    BlockStore(path, sync=False).close()
+    raw_put(path, b"meta", b"format", (2).to_bytes(4, "big"))
+    with pytest.raises(StoreFormatError, match="format"):
+        BlockStore(path)
+
+
+def test_not_lmdb_refused(path):
+    path.mkdir()
+    (path / "data.mdb").write_bytes(b"this is not an LMDB file" * 500)
+    with pytest.raises(StoreFormatError):
+        BlockStore(path)
+
+
+def test_foreign_lmdb_refused(path):
+    env = lmdb.open(str(path), max_dbs=4)
+    env.open_db(b"someone-else")
+    env.close()
+    with pytest.raises(StoreFormatError, match="not a block store"):
+        BlockStore(path)
+
+
+def test_second_open_in_one_process_refused(store, path):
+    with pytest.raises(StorageError, match="already open"):
+        BlockStore(path)
+
+
+def test_use_after_close(path):
+    s = BlockStore(path, sync=False)
+    s.close()
+    s.close()
+    with pytest.raises(StoreClosed):
+        s.get(bytes(32))
+
+
+async def test_async_facade(store):
+    a = AsyncBlockStore(store)
+    items = [blk(n) for n in (10, 60000)]
+    assert await a.put_many(items) == 2
+    assert await a.get(items[0][0]) == items[0][1]
+    assert await a.get_many([g for g, _ in items]) == dict(items)
+    assert await a.has_many([items[1][0]]) == [True]
+    assert await a.delete_many([items[0][0]]) == [items[0][0]]
+    assert (await a.stats()).blocks == 1
+    with pytest.raises(BlockNotFound):
+        await a.get(items[0][0])
+
+
+# --------------------------------------------------------------------------
+# Crash safety: kill -9 in the middle of a put loop
+
+CHILD = r"""
+import hashlib, random, sys
+from storage.blockstore import BlockStore
+s = BlockStore(sys.argv[1], quota=1 << 30)
+rng = random.Random(int(sys.argv[2]))
+while True:
+    batch = [rng.randbytes(rng.randrange(1, 64000)) for _ in range(rng.randrange(1, 6))]
+    items = [(hashlib.sha256(b).digest(), b) for b in batch]
+    s.put_many(items)
+    for g, _ in items:
+        print(g.hex(), flush=True)
+"""
+
+
+def test_kill_9_mid_put_leaves_whole_blocks_or_nothing(path):
+    acked: set[bytes] = set()
+    for round_ in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(path), str(round_)],
+            stdout=subprocess.PIPE, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            want = 40 + 37 * round_
+            n = 0
+            while n < want:
+                line = proc.stdout.readline()
+                assert line, "child exited early"
+                acked.add(bytes.fromhex(line.decode().strip()))
+                n += 1
+            os.kill(proc.pid, signal.SIGKILL)
+            rest, _ = proc.communicate(timeout=30)
+            acked.update(bytes.fromhex(x) for x in rest.decode().split())
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+
+        with BlockStore(path) as s:
+            held = list(s)
+            # nothing acknowledged is lost
+            assert acked <= set(held)
+            # every block present is intact, and the counters match the blocks
+            blocks = {g: s.get(g) for g in held}
+            st_ = s.stats()
+            assert st_.corruptions == 0 and st_.blocks == len(held)
+            assert st_.bytes == sum(map(len, blocks.values()))
+            assert st_.used == sum(footprint(len(d)) + footprint(STAMP_BYTES) for d in blocks.values())
+
+
+# --------------------------------------------------------------------------
+# Property test against a dict model
+
+_R = random.Random(4)
+POOL = [blk(n, _R) for n in (0, 1, 33, 2000, 2100, 9000, 30000, 60000, 65000)]
+QUOTA = 120_000  # room for about two of the largest blocks: StoreFull is reachable
+
+
+class StoreVsModel(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix="bs-model-")
+        self.store = BlockStore(self.dir, quota=QUOTA, sync=False)
+        self.blocks: dict[bytes, bytes] = {}
+        self.tombs: set[bytes] = set()
+        self.quar: dict[bytes, int] = {}  # bguid -> length of the bad copy
+        self.corruptions = 0
+
+    def used(self) -> int:
+        return (sum(footprint(len(d)) + footprint(STAMP_BYTES) for d in self.blocks.values())
+                + len(self.tombs) * footprint(TOMBSTONE_BYTES)
+                + sum(footprint(n + 8) for n in self.quar.values()))
+
+    def expect_put(self, items, revive):
+        items = dict(items)
+        if not revive and any(g in self.tombs for g in items):
+            return BlockTombstoned
+        used = self.used()
+        for g, d in items.items():
+            if g in self.tombs:
+                used -= footprint(TOMBSTONE_BYTES)
+            if g not in self.blocks:
+                used += footprint(len(d)) + footprint(STAMP_BYTES)
+        return StoreFull if used > QUOTA else None
+
+    @rule(i=st.integers(0, len(POOL) - 1), revive=st.booleans())
+    def put(self, i, revive):
+        self.put_many([i], revive)
+
+    @rule(ix=st.lists(st.integers(0, len(POOL) - 1), min_size=1, max_size=4), revive=st.booleans())
+    def put_many(self, ix, revive):
+        items = [POOL[i] for i in ix]
+        err = self.expect_put(items, revive)
+        if err:
+            with pytest.raises(err):
+                self.store.put_many(items, revive=revive)
+            return
+        new = self.store.put_many(items, revive=revive)
+        assert new == len({g for g, _ in items} - self.blocks.keys())
+        for g, d in items:
+            self.blocks[g] = d
+            self.tombs.discard(g)
+
+    @rule(i=st.integers(0, len(POOL) - 1))
+    def get(self, i):
+        g, d = POOL[i]
+        if g in self.blocks:
+            assert self.store.get(g) == d
+        else:
+            with pytest.raises(BlockNotFound):
+                self.store.get(g)
+
+    @rule(i=st.integers(0, len(POOL) - 1), tombstone=st.booleans(), epoch=st.integers(0, 3))
+    def delete(self, i, tombstone, epoch):
+        g, _ = POOL[i]
+        assert self.store.delete(g, epoch=epoch, tombstone=tombstone) == (g in self.blocks)
+        self.blocks.pop(g, None)
+        if tombstone:
+            self.tombs.add(g)
+
+    @rule(epoch=st.integers(0, 4))
+    def purge(self, epoch):
+        gone = {g for g in self.tombs if self.store.tombstone(g).epoch < epoch}
+        assert self.store.purge_tombstones(before_epoch=epoch) == len(gone)
+        self.tombs -= gone
+
+    @rule()
+    def reopen(self):
+        self.store.close()
+        self.store = BlockStore(self.dir, quota=QUOTA, sync=False)
+
+    @rule(i=st.integers(0, len(POOL) - 1))
+    def corrupt_on_disk(self, i):
+        g, d = POOL[i]
+        if g not in self.blocks:
+            return
+        self.store.close()
+        raw_put(self.dir, b"blocks", g, d + b"!")
+        self.store = BlockStore(self.dir, quota=QUOTA, sync=False)
+        with pytest.raises(BlockCorrupt):
+            self.store.get(g)
+        del self.blocks[g]
+        self.quar[g] = len(d) + 1
+        self.corruptions += 1
+
+    @invariant()
+    def matches_model(self):
+        s = self.store.stats()
+        assert list(self.store) == sorted(self.blocks)
+        assert s.blocks == len(self.blocks)
+        assert s.bytes == sum(map(len, self.blocks.values()))
+        assert s.tombstones == len(self.tombs)
+        assert (s.quarantined, s.corruptions) == (len(self.quar), self.corruptions)
+        assert s.used == self.used()
+
+    def teardown(self):
+        self.store.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+StoreVsModel.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+test_store_against_model = StoreVsModel.TestCase
