@@ -102,7 +102,9 @@ class PlaneTopology(Topology):
             return 0.0
         ax, ay, aa = self._where[a]
         bx, by, ba = self._where[b]
-        return (math.hypot(ax - bx, ay - by) + aa + ba) / 1000.0
+        # Pairwise sums first: float addition is not associative, and
+        # latency(a, b) must equal latency(b, a) exactly.
+        return (math.hypot(ax - bx, ay - by) + (aa + ba)) / 1000.0
 
     def position(self, node_id: bytes) -> tuple[float, float, float]:
         return self._where[node_id]
@@ -124,9 +126,10 @@ class TransitStubTopology(Topology):
       + ``intra_transit_ms`` + uplink(sb) + access(b).
 
     Each case is a path through the hierarchy, so the triangle inequality
-    holds as long as ``stub_size_ms`` (the largest intra-stub distance is
-    sqrt(2) times it) stays below twice the smallest uplink, which the
-    defaults respect. A node is put in a random stub, or in stub number
+    holds as long as the widest intra-stub distance (sqrt(2) * stub_size_ms)
+    is at most 2 * min(uplink) + intra_transit_ms, as with the defaults.
+
+    A node is put in a random stub, or in stub number
     ``position`` (0 .. transits * stubs_per_transit - 1) if given.
     """
 
@@ -178,11 +181,11 @@ class TransitStubTopology(Topology):
         sa, ax, ay, aa = self._where[a]
         sb, bx, by, ba = self._where[b]
         if sa == sb:
-            ms = math.hypot(ax - bx, ay - by) + aa + ba
+            ms = math.hypot(ax - bx, ay - by) + (aa + ba)   # sums pairwise: symmetric
         else:
             ta, ua = self._stubs[sa]
             tb, ub = self._stubs[sb]
-            ms = aa + ua + self.intra_transit_ms + ub + ba
+            ms = (aa + ba) + (ua + ub) + self.intra_transit_ms
             if ta != tb:
                 (px, py), (qx, qy) = self._transits[ta], self._transits[tb]
                 ms += math.hypot(px - qx, py - qy)
