@@ -331,9 +331,12 @@ class FrameBuffer:
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME):
         self.max_frame = max_frame
         self._buf = bytearray()
+        self._need = HEADER_BYTES  # bytes the next frame (or header) needs
 
     def feed(self, data: bytes) -> list[bytes]:
         self._buf += data
+        if len(self._buf) < self._need:  # a large frame arriving record by record
+            return []
         out = []
         while len(self._buf) >= HEADER_BYTES:
             (n,) = _LEN.unpack_from(self._buf)
@@ -342,9 +345,12 @@ class FrameBuffer:
             if n == 0:
                 raise FrameError("empty frame")
             if len(self._buf) < HEADER_BYTES + n:
-                break
-            out.append(bytes(self._buf[HEADER_BYTES:HEADER_BYTES + n]))
+                self._need = HEADER_BYTES + n
+                return out
+            with memoryview(self._buf) as mv:  # one copy out, not two
+                out.append(bytes(mv[HEADER_BYTES:HEADER_BYTES + n]))
             del self._buf[:HEADER_BYTES + n]
+        self._need = HEADER_BYTES
         return out
 
     @property
