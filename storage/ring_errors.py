@@ -40,6 +40,11 @@ class BadDescriptor(RingError):
     certified by the ring it replaces."""
 
 
+class NotAMember(RingError):
+    """A node was asked to act as a member of a ring whose descriptor does
+    not list it (a wrong key or descriptor, or it was replaced)."""
+
+
 class RingUnavailable(RingError):
     """Fewer than 2f+1 ring members gave a usable answer in time, so nothing
     can be certified now. The outcome of an update is then unknown: it may

@@ -1,0 +1,125 @@
+"""The inner ring as 4 real member processes on loopback, over TLS
+(``python -m storage.ringnode``): a silent (SIGSTOPped) member, a member
+killed with SIGKILL and restarted on its LMDB state, and two members down.
+Every process is stopped by PID at teardown."""
+
+import pytest
+import trio
+
+from overlay.wire.tls import TlsTransport
+from overlay.wire.transport import Peer
+from storage.ring import STATUS
+from storage.ring_errors import RingUnavailable
+from storage.ring_local import LocalRing
+from storage.ringclient import RingClient
+
+ARGS = ["--request-timeout", "0.6", "--view-change-timeout", "0.6", "--checkpoint", "8",
+        "--no-sync"]
+
+
+def v(k: int) -> bytes:
+    return k.to_bytes(32, "big")
+
+
+@pytest.fixture
+async def ring(tmp_path):
+    lr = LocalRing(tmp_path, args=ARGS)
+    try:
+        await lr.start()
+        yield lr
+    finally:
+        lr.close()
+
+
+@pytest.fixture
+async def client(ring):
+    async with TlsTransport(ring.owner) as t:
+        yield RingClient(t, ring.ring, ring.owner, attempt_timeout=2.0, deadline=20.0)
+
+
+async def status(client, k: int) -> dict:
+    m = client.ring.members[k]
+    return await client.transport.request(Peer(m.id, m.addr), STATUS, {}, timeout=5.0)
+
+
+async def wait_caught_up(client, k: int, others, timeout: float = 20.0) -> dict:
+    with trio.fail_after(timeout):
+        while True:
+            want = max([(await status(client, j))["exec"] for j in others])
+            got = await status(client, k)
+            if got["exec"] >= want:
+                return got
+            await trio.sleep(0.2)
+
+
+async def test_silent_member_does_not_stop_updates(ring, client):
+    cert = await client.create(b"doc", v(1))
+    ring.pause(0)                           # the primary of view 0: alive, but silent
+    try:
+        for k in range(2, 12):
+            cert = await client.update(cert.aguid, v(k), expect_seq=cert.seq)
+        assert cert.seq == 11 and ring.ids[0].id not in cert.signatures
+        assert (await status(client, 1))["view"] >= 1
+    finally:
+        ring.resume(0)
+    got = await wait_caught_up(client, 0, (1, 2, 3))
+    assert got["objects"] == 1
+
+
+async def test_killed_member_restarts_and_catches_up(ring, client):
+    cert = await client.create(b"doc", v(1))
+    for k in range(2, 6):
+        cert = await client.update(cert.aguid, v(k), expect_seq=cert.seq)
+    before = (await wait_caught_up(client, 3, (0, 1, 2)))["exec"]
+    ring.kill(3)                            # kill -9, mid-stream
+    for k in range(6, 24):                  # two stable checkpoints go by without it
+        cert = await client.update(cert.aguid, v(k), expect_seq=cert.seq)
+    ready = await ring.restart(3)
+    assert ready["exec"] == before          # it recovered its own LMDB state first
+    for k in range(24, 28):
+        cert = await client.update(cert.aguid, v(k), expect_seq=cert.seq)
+    got = await wait_caught_up(client, 3, (0, 1, 2))
+    assert got["stats"]["state_transfers"] >= 1     # the log it missed was trimmed
+    ring.kill(1)                            # now it is needed for every quorum
+    cert = await client.update(cert.aguid, v(28), expect_seq=cert.seq)
+    assert cert.seq == 28 and ring.ids[3].id in cert.signatures
+    latest = await client.latest(cert.aguid)
+    assert latest.seq == 28
+
+
+async def test_two_down_clear_error_then_resume(ring, client):
+    cert = await client.create(b"doc", v(1))
+    ring.kill(2)
+    ring.kill(3)
+    short = RingClient(client.transport, ring.ring, ring.owner, attempt_timeout=1.0,
+                       deadline=3.0)
+    with pytest.raises(RingUnavailable) as e:
+        await short.update(cert.aguid, v(2), expect_seq=1)
+    assert "only 2 of 4 members reachable" in str(e.value)
+    await ring.restart(3)
+    cert2 = await client.resubmit(e.value.request)
+    assert (cert2.seq, cert2.vguid) == (2, v(2))
+    cert3 = await client.update(cert.aguid, v(3), expect_seq=2)
+    assert cert3.seq == 3
+
+
+def test_ringnode_refuses_bad_configuration(tmp_path):
+    """Bad configuration: one clear line and exit code 2, never a traceback."""
+    import subprocess
+    import sys
+
+    from overlay.wire.ids import Identity
+    from storage.certificate import RingDescriptor
+    key = tmp_path / "node.key"
+    Identity.generate().save(key)
+    (tmp_path / "garbage.json").write_text("{not json")
+    other = Identity.generate()
+    ring = RingDescriptor.create(other, "x", [(Identity.generate().public_key, "127.0.0.1:9")
+                                              for _ in range(4)])
+    (tmp_path / "ring.json").write_text(ring.to_json())
+    for ring_file, expect in (("garbage.json", "not a ring descriptor"),
+                              ("ring.json", "is not a member")):
+        p = subprocess.run([sys.executable, "-m", "storage.ringnode", "--data", str(tmp_path),
+                            "--ring", str(tmp_path / ring_file)],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and expect in p.stderr and "Traceback" not in p.stderr
