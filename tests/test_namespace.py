@@ -331,3 +331,14 @@ async def test_read_your_writes_then_survive_a_remount(ns):
     again = await Namespace.mount(ns.view, ns.identity, ns.blocks, ns.board)
     assert [n for n, _ in await again.readdir(ROOT)] == [b"d", b"f"]
     assert await again.read(f, 0, 30000) == b"x" * 20000
+
+
+async def test_group_commit_of_many_records_never_overfills_a_log_block(ns):
+    # Regression: a large queue of small records once made the block envelope
+    # exceed MAX_BLOCK at commit, wedging the writer's log.
+    for i in range(10_000):
+        await ns.symlink(ROOT, f"l{i:05d}", "t" * (1 + i % 40), 0, 0)
+    await ns.sync()
+    names = [n for n, _ in await ns.readdir(ROOT)]
+    assert len(names) == 10_000 and names[0] == b"l00000"
+    assert await ns.readlink((await ns.lookup(ROOT, "l09999")).ino) == b"t" * (1 + 9999 % 40)
