@@ -12,6 +12,14 @@ Messages, all over :class:`overlay.wire.transport.Transport`::
     blk.has    {bguids: [g]}        -> {have: [bool]}
     blk.list   {after: g|nil, limit} -> {bguids: [g], more: bool}
     blk.stat   {}                   -> {blocks, bytes, free}
+    blk.check  {bguids: [g]}        -> {state: [0|1|2], at: [float|nil], epoch: [int]}
+    blk.delete {bguids: [g], epoch, unless_stored_after: float|nil} -> {deleted: [g]}
+
+``blk.check`` reports, per BGUID, absent (0), held (1, with its stored_at)
+or tombstoned (2, with its deleted_at and the collector's epoch): replica
+repair compares these across holders (``storage.maintenance``). ``blk.delete`` is the collector's
+sweep (``storage.gc``): it is refused (``not_authorised``) unless the sender
+is one of the NodeIDs the service was given as ``collectors``.
 
 ``g`` is a 32-byte BGUID, ``d`` a block of at most ``seal.MAX_SEALED``
 bytes. A ``blk.store`` request is applied atomically (the store's
@@ -44,8 +52,9 @@ Hashing: the holder's store does its hashing in a worker thread
 ``OFFLOAD_BYTES`` in a worker thread too, unless told not to (``offload=False``
 for simulations on virtual time, see ``AsyncBlockStore``).
 
-Not here yet: who may store (any authenticated node may, within the quota)
-and a delete RPC for the collector, which needs that authorisation.
+Not here yet: who may store (any authenticated node may, within the quota).
+Deletes are authorised by NodeID only (the ``collectors`` allow-list); a
+capability from the volume layer will replace it.
 """
 
 from __future__ import annotations
@@ -111,6 +120,18 @@ STAT = frames.message(
     request={},
     reply={"blocks": Int(0), "bytes": Int(0), "free": Int(0)},
 )
+CHECK = frames.message(
+    "blk.check",
+    request={"bguids": ListOf(GUID, max=MAX_LIST)},
+    reply={"state": ListOf(Int(0, 2), max=MAX_LIST), "at": ListOf(Nullable(float), max=MAX_LIST),
+           "epoch": ListOf(Int(0, 2**63 - 1), max=MAX_LIST)},
+)
+DELETE = frames.message(
+    "blk.delete",
+    request={"bguids": ListOf(GUID, max=MAX_LIST), "epoch": Int(0, 2**63 - 1),
+             "unless_stored_after": Nullable(float)},
+    reply={"deleted": ListOf(GUID, max=MAX_LIST)},
+)
 
 # Refusal codes, both ways. BlockError subclasses carry the BGUID in the
 # message as "bguid=<hex>" so the client can name the block again.
@@ -133,8 +154,10 @@ class BlockService:
     """The ``blk.*`` handlers of one node over its block store. Register them
     on the node's dispatcher with :meth:`register`."""
 
-    def __init__(self, store: BlockStore | AsyncBlockStore):
+    def __init__(self, store: BlockStore | AsyncBlockStore, *,
+                 collectors: Iterable[bytes] = ()):
         self.store = store if isinstance(store, AsyncBlockStore) else AsyncBlockStore(store)
+        self.collectors = frozenset(collectors)   # NodeIDs whose blk.delete is obeyed
 
     def register(self, dispatcher: Dispatcher) -> None:
         dispatcher.on(STORE, self.on_store)
@@ -142,6 +165,8 @@ class BlockService:
         dispatcher.on(HAS, self.on_has)
         dispatcher.on(LIST, self.on_list)
         dispatcher.on(STAT, self.on_stat)
+        dispatcher.on(CHECK, self.on_check)
+        dispatcher.on(DELETE, self.on_delete)
 
     async def on_store(self, sender: bytes, body: dict) -> dict:
         items = [(b["g"], b["d"]) for b in body["blocks"]]
@@ -182,6 +207,26 @@ class BlockService:
         except StorageError as e:
             raise _refusal(e) from None
         return {"blocks": s.blocks, "bytes": s.bytes, "free": s.free}
+
+
+    async def on_check(self, sender: bytes, body: dict) -> dict:
+        try:
+            states = await self.store.states(body["bguids"])
+        except StorageError as e:
+            raise _refusal(e) from None
+        return {"state": [s for s, _, _ in states], "at": [t for _, t, _ in states],
+                "epoch": [e for _, _, e in states]}
+
+    async def on_delete(self, sender: bytes, body: dict) -> dict:
+        if sender not in self.collectors:
+            raise Refused("not_authorised", f"{short(sender)} may not delete blocks here")
+        try:
+            gone = await self.store.delete_many(
+                body["bguids"], epoch=body["epoch"],
+                unless_stored_after=body["unless_stored_after"])
+        except StorageError as e:
+            raise _refusal(e) from None
+        return {"deleted": gone}
 
 
 def _refusal(e: StorageError) -> Refused:
@@ -282,6 +327,39 @@ async def stat_of(transport: Transport, peer: Peer, *,
                   timeout: float = DEFAULT_TIMEOUT) -> dict[str, int]:
     """The peer's block count, payload bytes and free quota."""
     return await _call(transport, peer, STAT, {}, timeout)
+
+
+async def check_on(transport: Transport, peer: Peer, bguids: Iterable[bytes], *,
+                   timeout: float = DEFAULT_TIMEOUT) -> dict[bytes, tuple[int, float | None, int]]:
+    """Per BGUID, the peer's (state, time, epoch): ``blockstore.ABSENT``,
+    ``HELD`` with stored_at, or ``TOMBSTONED`` with deleted_at and the
+    collector's epoch (by its word: not verified)."""
+    want = list(dict.fromkeys(bguids))
+    out: dict[bytes, tuple[int, float | None, int]] = {}
+    for i in range(0, len(want), MAX_LIST):
+        chunk = want[i:i + MAX_LIST]
+        reply = await _call(transport, peer, CHECK, {"bguids": chunk}, timeout)
+        if not len(reply["state"]) == len(reply["at"]) == len(reply["epoch"]) == len(chunk):
+            raise HolderRefused(f"peer {short(peer.id)} answered {len(reply['state'])} "
+                                f"states for {len(chunk)} blocks", "bad_reply", peer.id)
+        out.update(zip(chunk, zip(reply["state"], reply["at"], reply["epoch"])))
+    return out
+
+
+async def delete_on(transport: Transport, peer: Peer, bguids: Iterable[bytes], *, epoch: int,
+                    unless_stored_after: float | None,
+                    timeout: float = DEFAULT_TIMEOUT) -> list[bytes]:
+    """Ask ``peer`` to delete (and tombstone) blocks, sparing those stored at
+    or after ``unless_stored_after``; returns the ones it removed.
+    HolderRefused(code "not_authorised") unless we are one of its collectors."""
+    want = list(dict.fromkeys(bguids))
+    gone: list[bytes] = []
+    for i in range(0, len(want), MAX_LIST):
+        body = {"bguids": want[i:i + MAX_LIST], "epoch": epoch,
+                "unless_stored_after": unless_stored_after}
+        reply = await _call(transport, peer, DELETE, body, timeout)
+        gone += reply["deleted"]
+    return gone
 
 
 async def _call(transport: Transport, peer: Peer, msg_type: str, body: dict,

@@ -115,6 +115,7 @@ _TIME = struct.Struct(">d")
 _STAMP = struct.Struct(">dI")
 _TOMB = struct.Struct(">Qd")
 STAMP_BYTES = _STAMP.size
+ABSENT, HELD, TOMBSTONED = 0, 1, 2   # what ``states`` reports per BGUID
 TOMBSTONE_BYTES = _TOMB.size
 
 # LMDB page geometry (mdb.c): a leaf node is an 8-byte header, the key and
@@ -199,13 +200,16 @@ class BlockStore:
     killed process loses nothing committed either way);
     ``map_size``: initial LMDB map (default twice the quota plus 64 MiB; it
     grows up to four times that);
-    ``clock``: the time source of stamps and tombstones.
+    ``clock``: the time source of stamps and tombstones;
+    ``readahead``: let the OS read ahead when a block's pages are first
+    touched (off by default: a holder serving random blocks would read
+    pages it never uses; a single-node volume read file by file wants it).
     """
 
     def __init__(self, path: str | os.PathLike, *, quota: int = DEFAULT_QUOTA,
                  max_block: int = MAX_SEALED, min_disk_free: int = DEFAULT_MIN_DISK_FREE,
                  sync: bool = True, map_size: int | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, readahead: bool = False):
         if quota <= 0:
             raise ValueError("quota must be positive")
         self.path = Path(path)
@@ -225,7 +229,7 @@ class BlockStore:
         self._max_map = 4 * self._map_size
         try:
             self._env = lmdb.open(str(self.path), map_size=self._map_size, max_dbs=8,
-                                  sync=sync, metasync=sync, readahead=False, lock=True)
+                                  sync=sync, metasync=sync, readahead=readahead, lock=True)
         except (lmdb.InvalidError, lmdb.VersionMismatchError, lmdb.CorruptedError) as e:
             raise StoreFormatError(f"{self.path} is not a block store LMDB: {e}") from None
         except lmdb.Error as e:
@@ -320,6 +324,28 @@ class BlockStore:
             _check_bguid(g)
         with self._read() as txn:
             return [txn.get(g, db=self._stamps) is not None for g in bguids]
+
+    def states(self, bguids: Iterable[bytes]) -> list[tuple[int, float | None, int]]:
+        """For each BGUID, in one read transaction: (HELD, stored_at, 0),
+        (TOMBSTONED, deleted_at, epoch) or (ABSENT, None, 0). Replica repair
+        compares these across holders (``storage.maintenance``)."""
+        bguids = list(bguids)
+        for g in bguids:
+            _check_bguid(g)
+        out: list[tuple[int, float | None, int]] = []
+        with self._read() as txn:
+            for g in bguids:
+                v = txn.get(g, db=self._stamps)
+                if v is not None:
+                    out.append((HELD, _STAMP.unpack(v)[0], 0))
+                    continue
+                v = txn.get(g, db=self._tombs)
+                if v is None:
+                    out.append((ABSENT, None, 0))
+                else:
+                    epoch, when = _TOMB.unpack(v)
+                    out.append((TOMBSTONED, when, epoch))
+        return out
 
     def stored_at(self, bguid: bytes) -> float | None:
         """When the block was last put (or revived), or None if not held."""
@@ -718,6 +744,12 @@ class AsyncBlockStore:
 
     async def tombstone(self, bguid: bytes) -> Tombstone | None:
         return await self._run(self.store.tombstone, bguid)
+
+    async def states(self, bguids: Iterable[bytes]) -> list[tuple[int, float | None, int]]:
+        return await self._run(self.store.states, list(bguids))
+
+    async def purge_tombstones(self, **kw) -> int:
+        return await self._run(self.store.purge_tombstones, **kw)
 
     async def stats(self) -> StoreStats:
         return await self._run(self.store.stats)

@@ -93,3 +93,19 @@ class StoreFormatError(StorageError):
 class StoreClosed(StorageError):
     """The block store was used after ``close()`` (a bug in the caller's
     shutdown order)."""
+
+
+# --------------------------------------------------------------------------
+# Replication (storage.replication, storage.placement)
+
+
+class TooFewHolders(StorageError):
+    """A replicated put could not reach its write quorum of distinct holders:
+    too few live nodes that store blocks were reachable through the overlay
+    (a network smaller than r, or a partition), and none of the missing ones
+    was merely full (that is StoreFull). Copies already made stay; retry once
+    more nodes are up."""
+
+    def __init__(self, msg: str, bguid: bytes | None = None):
+        super().__init__(msg)
+        self.bguid = bguid
