@@ -14,6 +14,7 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -45,6 +46,79 @@ def cmd_init(args) -> int:
     return EXIT_OK
 
 
+def cmd_node(args) -> int:
+    from storage.server import main as storage_main
+
+    return storage_main(args.node_args, prog="p2pfs node")
+
+
+def _backend_for(volume_dir: str):
+    from .backend import LocalBackend, is_local_volume
+    from .netbackend import NetworkBackend
+
+    try:
+        fmt = json.loads((Path(volume_dir) / "FORMAT").read_text())
+    except (OSError, ValueError):
+        if not Path(volume_dir).exists():
+            raise CliError(f"{volume_dir}: no such volume directory (create one with p2pfs mkfs)")
+        raise CliError(f"{volume_dir} is not a p2pfs volume (no readable FORMAT file)")
+    return NetworkBackend(volume_dir) if fmt.get("kind") == "network" else LocalBackend(volume_dir)
+
+
+def cmd_mkfs(args) -> int:
+    from .backend import BackendError, mkfs_local
+    from .netbackend import mkfs_network
+
+    try:
+        if args.bootstrap:
+            view = mkfs_network(args.volume_dir, args.bootstrap, r=args.replicas, name=args.name)
+            kind = f"network volume (r={args.replicas})"
+        else:
+            view = mkfs_local(args.volume_dir, name=args.name)
+            kind = "single-node volume"
+    except BackendError as e:
+        raise CliError(str(e)) from None
+    print(f"created {kind} {view.name!r} in {args.volume_dir}")
+    return EXIT_OK
+
+
+def cmd_mount(args) -> int:
+    import trio
+
+    from .backend import BackendError
+    from .mount import MountError, serve
+
+    backend = _backend_for(args.volume_dir)
+    try:
+        trio.run(lambda: serve(backend, args.mountpoint, debug=args.debug))
+    except (MountError, BackendError) as e:
+        raise CliError(str(e)) from None
+    return EXIT_OK
+
+
+def cmd_umount(args) -> int:
+    from .mount import MountError, is_mounted, unmount
+
+    if not is_mounted(args.mountpoint):
+        raise CliError(f"{args.mountpoint} is not mounted")
+    try:
+        unmount(args.mountpoint, lazy=args.lazy)
+    except MountError as e:
+        raise CliError(str(e)) from None
+    print(f"unmounted {args.mountpoint}")
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from .demo import DemoError, run_demo
+
+    try:
+        return run_demo(args.mountpoint, nodes=args.nodes, replicas=args.replicas,
+                        data=args.data, debug=args.debug)
+    except DemoError as e:
+        raise CliError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="p2pfs",
@@ -60,10 +134,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory holding identity.key (default: $P2PFS_HOME or ~/.p2pfs)")
     s.set_defaults(func=cmd_init)
 
+    s = sub.add_parser("node", help="run a storage node (overlay routing, block store, repair)",
+                       add_help=False, description="Run one p2pfs node; see p2pfs node --help.")
+    s.add_argument("node_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_node)
+
+    s = sub.add_parser("mkfs", help="create a volume (single-node, or on a network with --bootstrap)")
+    s.add_argument("volume_dir", help="an empty or missing directory to hold the volume's keys and state")
+    s.add_argument("--bootstrap", action="append", default=[], metavar="HOST:PORT#NODEID",
+                   help="a node of the network to keep the blocks on (repeatable); none: single-node")
+    s.add_argument("-r", "--replicas", type=int, default=3, help="copies of each block (default 3)")
+    s.add_argument("--name", default="p2pfs", help="the volume's name (default p2pfs)")
+    s.set_defaults(func=cmd_mkfs)
+
+    s = sub.add_parser("mount", help="mount a volume (foreground; Ctrl-C or p2pfs umount to stop)")
+    s.add_argument("volume_dir")
+    s.add_argument("mountpoint", help="an empty directory")
+    s.add_argument("--debug", action="store_true", help="log every FUSE request")
+    s.set_defaults(func=cmd_mount)
+
+    s = sub.add_parser("umount", help="unmount a mounted volume")
+    s.add_argument("mountpoint")
+    s.add_argument("--lazy", action="store_true", help="detach now even if busy")
+    s.set_defaults(func=cmd_umount)
+
+    s = sub.add_parser("demo", help="start an embedded local network and mount a volume on it")
+    s.add_argument("mountpoint", help="an empty directory (created if missing)")
+    s.add_argument("-n", "--nodes", type=int, default=4, help="node processes to start (default 4)")
+    s.add_argument("-r", "--replicas", type=int, default=3, help="copies of each block (default 3)")
+    s.add_argument("--data", help="keep the network's state here (default: a temporary directory, "
+                                  "removed at exit)")
+    s.add_argument("--debug", action="store_true", help="log every FUSE request")
+    s.set_defaults(func=cmd_demo)
+
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["node"]:
+        # The node's own parser owns all its options (and --help).
+        from storage.server import main as storage_main
+
+        return storage_main(argv[1:], prog="p2pfs node")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -73,12 +186,35 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except CliError as e:
-        print(f"p2pfs {args.command}: {e}", file=sys.stderr)
-        return EXIT_FAIL
-    except KeyboardInterrupt:
-        print(f"p2pfs {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except BaseException as e:  # the one error boundary (module docstring)
+        inner = unwrap_group(e)
+        if isinstance(inner, expected_errors()):
+            print(f"p2pfs {args.command}: {inner}", file=sys.stderr)
+            return EXIT_FAIL
+        if isinstance(inner, KeyboardInterrupt):
+            print(f"p2pfs {args.command}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        raise
+
+
+def unwrap_group(e: BaseException) -> BaseException:
+    """The single error inside (nested) one-member exception groups, as trio's
+    nurseries wrap what their tasks raise."""
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    return e
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's or the environment's, not bugs: reported as
+    one line and exit code 1."""
+    from storage.errors import StorageError
+
+    from .backend import BackendError
+    from .demo import DemoError
+    from .mount import MountError
+
+    return (CliError, BackendError, MountError, DemoError, StorageError)
 
 
 if __name__ == "__main__":
