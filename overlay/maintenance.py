@@ -18,6 +18,8 @@ Periodic tasks of a running node, each at its own interval with jitter:
 Hand-over: whenever a node enters our table we may stop being the root of
 some GUIDs; the pointers we stored as root for those are sent on toward the
 new root (this is how a joining node receives the pointers it now roots).
+When a neighbour goes, we may have become the root of some pointers we held
+on a path; they are marked, so that they are handed over in their turn.
 
 Leave: withdraw our objects, tell every neighbour and backpointer (with
 replacements for the slot we vacate), then hand the pointers we root to the
@@ -225,11 +227,14 @@ class Maintenance:
             self.hand_over()
 
     def hand_over(self) -> int:
-        """Send on the pointers we rooted for GUIDs we no longer root."""
+        """Send on the pointers we rooted for GUIDs we no longer root; mark
+        as rooted those whose target we root now (a root died or left)."""
         node = self.node
         moved = 0
-        for p in node.pointers.rooted():
-            if node.table.is_root(p.target):
+        for p in node.pointers.all():
+            root_now = node.table.is_root(p.target)
+            if root_now or not p.rooted:
+                p.rooted = p.rooted or root_now
                 continue
             p.rooted = False
             msg = node.router.message("publish", p.target, obj=p.obj,

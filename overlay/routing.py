@@ -149,6 +149,11 @@ class Router:
         missing = [k for k in need if k not in body]
         if missing:
             raise Refused("bad_request", f"{kind} needs {missing}")
+        if kind == "unpublish" and (body["origin"]["id"] != body["holder"]["id"]
+                                    or (body["hops"] == 1 and sender != body["holder"]["id"])):
+            # Only a holder withdraws its own pointers. (Hops after the first
+            # trust the neighbour that passed the message on.)
+            raise Refused("bad_request", "unpublish must come from the holder")
         if not self.node.running:
             raise Refused("not_running", "this node is stopping")
         if self.active >= self.node.config.max_route_tasks:

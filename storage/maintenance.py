@@ -19,8 +19,18 @@ writers are done once the copies are stored, and readers fall back to the
 placement roots, which are where the pointers would lead
 (``storage.replication``).
 
-Who repairs. Every holder checks the blocks it holds every ``interval``
-seconds, but for each block only one acts: the first node, in placement
+When. A pass runs when the overlay notices a failure: the keeper watches
+its routing table, and a neighbour newly suspected or dropped (heartbeats,
+failed requests) starts a pass within ``WATCH`` seconds, so copies are
+restored about one heartbeat after a holder dies. A full pass also runs
+every ``interval`` seconds (300 by default) as a backstop for failures no
+neighbour of ours saw (in a large network a block's holders need not be our
+neighbours) and for copies lost to disk damage. Passes cost CPU per block
+held (placement of r + ``spare`` candidates, a ``blk.check`` batch per
+candidate), which is why they are not simply run every few seconds.
+
+Who repairs. Every holder checks the blocks it holds, but for each block
+only one acts: the first node, in placement
 order (``storage.placement`` candidates, then holders outside them), that
 holds the block and answers. Each holder computes this from the states it
 collects, so normally one copies, at worst two (views differ for an
@@ -33,7 +43,7 @@ holder that found the same block short of copies and deferred in
 
 A pass over a page of held blocks:
 
-1. candidates: the first r + ``spare`` per block (the placement rule);
+1. candidates: the first r + ``spare`` (1) per block (the placement rule);
 2. ``blk.check`` each candidate for its blocks, batched: held (stored_at),
    tombstoned (with the collector's epoch) or absent. A candidate that does
    not answer is dead for this pass (and forgotten by the placement cache, so
@@ -92,11 +102,12 @@ from .placement import Placement
 
 log = logging.getLogger(__name__)
 
-DEFAULT_INTERVAL = 30.0
+DEFAULT_INTERVAL = 300.0
+WATCH = 1.0         # seconds between looks at the routing table for failures
 TOMBSTONE_TTL = 7 * 86400.0
 PATIENCE = 2        # passes a holder defers on a short block before acting itself
 BUSY = 1.0          # seconds since the last store during which the node counts as busy
-TRICKLE = 10.0      # publishes per second while busy
+TRICKLE = 2.0       # publishes per second while busy
 
 
 class HolderService(BlockService):
@@ -122,7 +133,7 @@ class ReplicaKeeper:
     """Publishing and repair for one holder (module docstring)."""
 
     def __init__(self, node: TapestryNode, store: AsyncBlockStore, placement: Placement, *,
-                 r: int = 3, spare: int = 2, interval: float = DEFAULT_INTERVAL,
+                 r: int = 3, spare: int = 1, interval: float = DEFAULT_INTERVAL,
                  publish: bool = True, tombstone_ttl: float = TOMBSTONE_TTL,
                  timeout: float = 10.0, page: int = 1024, publishers: int = 16,
                  clock: Callable[[], float] = time.time):
@@ -232,15 +243,36 @@ class ReplicaKeeper:
             self.ready.set()
             if self.interval > 0:
                 nursery.start_soon(self._periodic)
+            nursery.start_soon(self._watch_failures)
 
     async def _periodic(self) -> None:
         rng = self.node.rng
         while True:
             await trio.sleep(self.interval * rng.uniform(0.8, 1.2))
-            try:
-                await self.check_all()
-            except (StorageError, OverlayError) as e:
-                log.warning("repair pass: %s", e)
+            await self._pass("periodic")
+
+    async def _watch_failures(self) -> None:
+        """Run a pass when a neighbour is newly suspected or dropped."""
+        table = self.node.table
+        known = {nb.id for nb in table.neighbours()}
+        suspected = {nb.id for nb in table.suspects()}
+        while True:
+            await trio.sleep(WATCH)
+            now_known = {nb.id for nb in table.neighbours()}
+            now_suspected = {nb.id for nb in table.suspects()}
+            failed = (now_suspected - suspected) | (known - now_known)
+            known, suspected = now_known, now_suspected
+            if failed:
+                self.stats["failure_passes"] += 1
+                log.info("neighbours failed (%s): repair pass",
+                         ", ".join(short(x) for x in list(failed)[:4]))
+                await self._pass("failure")
+
+    async def _pass(self, why: str) -> None:
+        try:
+            await self.check_all()
+        except (StorageError, OverlayError) as e:
+            log.warning("%s repair pass: %s", why, e)
 
     async def check_all(self) -> Counter:
         """One repair pass over every block held here; returns what it did."""

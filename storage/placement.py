@@ -48,6 +48,7 @@ does not cost one failing route per block.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -75,6 +76,13 @@ DEFAULT_TTL = 30.0
 NEGATIVE_TTL = 5.0
 MAX_SALTS = 32
 LOOKUPS = 8          # root lookups in flight at once
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def salted_target(g: bytes, i: int) -> bytes:
+    """``overlay.messages.salted``, memoised: the repair recomputes the
+    salts of every block it holds on each pass."""
+    return salted(g, i)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +115,7 @@ class Placement:
         self.lookups = lookups
         self._cache: dict[str, tuple[Root, float]] = {}   # hex prefix -> (root, expires)
         self._lengths: Counter = Counter()                  # prefix length -> entries
+        self._order: list[int] = []                         # those lengths, longest first
         self.nonstoring: set[bytes] = set()   # nodes that said they store no blocks
         self.stats: Counter = Counter()
 
@@ -123,13 +132,14 @@ class Placement:
 
     # ------------------------------------------------------------- the cache
 
-    def cached(self, target: bytes) -> Root | None:
+    def cached(self, target: bytes, now: float | None = None) -> Root | None:
         """The cached root of ``target`` (most specific prefix first), or None."""
-        if not self._lengths:
+        if not self._order:
             return None
-        now = trio.current_time()
+        if now is None:
+            now = trio.current_time()
         hx = target.hex()
-        for n in sorted(self._lengths, reverse=True):
+        for n in self._order:
             key = hx[:n]
             e = self._cache.get(key)
             if e is None:
@@ -143,6 +153,8 @@ class Placement:
     def _put(self, key: str, root: Root, ttl: float) -> None:
         if key not in self._cache:
             self._lengths[len(key)] += 1
+            if self._lengths[len(key)] == 1:
+                self._order = sorted(self._lengths, reverse=True)
         self._cache[key] = (root, trio.current_time() + ttl)
 
     def _drop(self, key: str) -> None:
@@ -150,6 +162,7 @@ class Placement:
             self._lengths[len(key)] -= 1
             if not self._lengths[len(key)]:
                 del self._lengths[len(key)]
+                self._order = sorted(self._lengths, reverse=True)
 
     def forget(self, node_id: bytes) -> None:
         """Drop every entry naming ``node_id`` (it failed a request)."""
@@ -170,6 +183,7 @@ class Placement:
     def clear(self) -> None:
         self._cache.clear()
         self._lengths.clear()
+        self._order = []
 
     # ------------------------------------------------------------- lookups
 
@@ -204,8 +218,9 @@ class Placement:
         one per distinct prefix, and the rest re-checked after each round."""
         out: dict[bytes, Root] = {}
         pending = []
+        now = trio.current_time()
         for t in dict.fromkeys(targets):
-            r = self.cached(t)
+            r = self.cached(t, now)
             if r is None:
                 pending.append(t)
             else:
@@ -266,7 +281,7 @@ class Placement:
         for i in range(self.max_salts):
             if not short_of:
                 break
-            targets = {g: salted(g, i) for g in short_of}
+            targets = {g: salted_target(g, i) for g in short_of}
             found = await self.roots(targets.values())
             still = []
             for g in short_of:

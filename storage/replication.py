@@ -25,19 +25,10 @@ so a tombstone left by an earlier collection of the same content must not
 refuse it. Only the repair copies with ``revive=False``, which is what stops
 a stale replica from resurrecting a collected block (``storage.gc``).
 
-Get. ``get``/``fetch`` try the local store, then the holders found through
-the DOLR (``locate`` of r holders, nearest first by measured RTT), then the
-placement candidates nearest first (pointers may not be published yet), then
-any further holders ``locate`` finds. Every block is checked against its
-BGUID where it arrives (``blockservice.get_from``); a forged or corrupt copy
-is rejected and the next holder tried. BlockCorrupt only if every copy found
-was bad, BlockNotFound if none was found.
-
-``get_many`` fetches by placement instead, because ``locate`` costs a route
-per block: the candidates are known from the cached placement, so blocks are
-grouped by their nearest candidate and fetched in batches; what is missing
-there goes to the next candidate, and what no candidate has goes through
-``fetch`` (``locate``) one by one.
+Get. Finding a holder, verifying what it serves and falling back is
+``storage.replica_reads``: ``get`` locates the nearest holder through the
+DOLR, ``get_many`` fetches in batches by placement; this module opens the
+verified sealed bytes (AEAD, kind checked).
 
 Pipelining. ``put_many`` and ``get_many`` work in chunks of ``CHUNK``
 blocks. Up to ``max_inflight`` bytes (sealed bytes times r for puts) are in
@@ -50,13 +41,11 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections import Counter
 from typing import Callable, Iterable, Sequence
 
 import trio
 
-from overlay.errors import OverlayError
 from overlay.node import TapestryNode
 from overlay.wire.ids import short
 from overlay.wire.transport import Peer, PeerError
@@ -65,8 +54,9 @@ from . import blockservice as bs
 from . import seal
 from .blockapi import BlockAccess, Kind
 from .blockstore import AsyncBlockStore
-from .errors import BlockCorrupt, BlockNotFound, StorageError, StoreFull, TooFewHolders
+from .errors import StorageError, StoreFull, TooFewHolders
 from .placement import Placement
+from .replica_reads import Fetched, ReplicaReader
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +65,8 @@ DEFAULT_INFLIGHT = 48 << 20      # bytes in flight per ReplicatedBlocks
 DEFAULT_BATCH = 2 << 20          # bytes per blk.store / blk.fetch request
 FULL_BACKOFF = 10.0              # seconds a full holder is skipped by later puts
 OFFLOAD_BYTES = 256 << 10       # work on fewer bytes than this stays on the trio thread
-RTT_BUCKET = 0.002               # RTTs closer than this count as equal (spread the load)
 
-
-@dataclass
-class Fetched:
-    """A verified sealed block, who served it, and who was rejected first."""
-
-    data: bytes
-    source: bytes
-    rejected: list[bytes] = field(default_factory=list)
+__all__ = ["ReplicatedBlocks", "Fetched"]
 
 
 class _Budget:
@@ -160,6 +142,9 @@ class ReplicatedBlocks(BlockAccess):
         self._budget = _Budget(max_inflight)
         self._full: dict[bytes, float] = {}
         self.stats: Counter = Counter()
+        self.reader = ReplicaReader(node, placement, r=r, local=local,
+                                    batch_bytes=self.batch_bytes, offload=offload,
+                                    timeout=timeout, stats=self.stats)
 
     @property
     def transport(self):
@@ -351,85 +336,15 @@ class ReplicatedBlocks(BlockAccess):
     # ------------------------------------------------------------------ get
 
     async def get(self, bguid: bytes, kind: Kind) -> bytes:
-        f = await self.fetch(bguid)
+        f = await self.reader.fetch(bguid)
         return await self._run(self._sealer.open, kind, f.data, size=len(f.data))
 
-    def _nearest_first(self, peers: Sequence[Peer]) -> list[Peer]:
-        def key(ip):
-            i, p = ip
-            rtt = self.node.rtt_of(p.id)
-            return (1e9 if rtt is None else int(rtt / RTT_BUCKET), i)
-        return [p for _, p in sorted(enumerate(peers), key=key)]
-
     async def fetch(self, bguid: bytes, *, prefer: Sequence[Peer] = ()) -> Fetched:
-        """One verified sealed block (module docstring, Get). ``prefer``:
-        holders to try first (tests and tools)."""
-        tried: set[bytes] = set()
-        rejected: list[bytes] = []
-        node = self.node
+        """One verified sealed block, with who served it (``storage.replica_reads``)."""
+        return await self.reader.fetch(bguid, prefer=prefer)
 
-        async def from_local() -> Fetched | None:
-            if self.local is None or node.id in tried:
-                return None
-            tried.add(node.id)
-            try:
-                return Fetched(await self.local.get(bguid), node.id, rejected)
-            except BlockNotFound:
-                return None
-            except BlockCorrupt:
-                rejected.append(node.id)   # quarantined by the store
-                return None
-
-        async def attempt(peers: Iterable[Peer]) -> Fetched | None:
-            for p in peers:
-                if p.id in tried:
-                    continue
-                tried.add(p.id)
-                try:
-                    got = await bs.get_from(self.transport, p, [bguid], timeout=self.timeout,
-                                            offload=self.offload)
-                except BlockCorrupt as e:
-                    self.stats["rejected_copies"] += 1
-                    log.warning("rejected block %s from %s: %s", short(bguid), short(p.id), e)
-                    rejected.append(p.id)
-                    continue
-                except (StorageError, PeerError) as e:
-                    self.placement.note_failure(p.id, e)
-                    continue
-                if bguid in got:
-                    return Fetched(got[bguid], p.id, rejected)
-            return None
-
-        async def located(n: int) -> list[Peer]:
-            try:
-                return await node.locate(bguid, n, exclude=list(tried)[:64])
-            except OverlayError:
-                return []
-
-        f = await attempt(prefer)
-        if f is None:
-            f = await from_local()
-        if f is None:
-            # All r holders, so the nearest by our measured RTT comes first
-            # (locate checks each answers, in parallel, measuring RTT).
-            f = await attempt(await located(self.r))
-        if f is None:
-            cands = (await self.placement.candidates([bguid], self.r + 2))[bguid]
-            f = await attempt(self._nearest_first(cands))
-        if f is None:
-            f = await attempt(await located(self.r + 4))
-        if f is None:
-            # Maybe placed on fallback holders and not published yet
-            # (placement docstring, Fallback): ask the nodes that would be.
-            f = await attempt(self.placement.fallback(bguid, 8, tried))
-        if f is not None:
-            self.stats["blocks_got"] += 1
-            return f
-        if rejected:
-            raise BlockCorrupt(f"every copy of block {short(bguid)} found was corrupt or forged "
-                               f"(from {', '.join(short(x) for x in rejected)})", bguid)
-        raise BlockNotFound(f"no holder of block {short(bguid)} had it "
-                            f"({len(tried)} nodes tried)", bguid)
+    async def fetch_many(self, bguids: Iterable[bytes]) -> dict[bytes, bytes]:
+        return await self.reader.fetch_many(bguids)
 
     async def get_many(self, items: Sequence[tuple[bytes, Kind]]) -> list[bytes]:
         items = list(items)
@@ -448,7 +363,7 @@ class ReplicatedBlocks(BlockAccess):
 
     async def _get_chunk(self, chunk, start, out, cost, failure, scope) -> None:
         try:
-            found = await self.fetch_many([g for g, _ in chunk])
+            found = await self.reader.fetch_many([g for g, _ in chunk])
             plain = await self._run(self._open_all, [(k, found[g]) for g, k in chunk],
                                     size=sum(len(found[g]) for g, _ in chunk))
             out[start:start + len(chunk)] = plain
@@ -461,79 +376,3 @@ class ReplicatedBlocks(BlockAccess):
     def _open_all(self, items) -> list[bytes]:
         # Already checked against their BGUIDs where they arrived.
         return [self._sealer.open(k, d) for k, d in items]
-
-    async def fetch_many(self, bguids: Iterable[bytes]) -> dict[bytes, bytes]:
-        """Verified sealed blocks by BGUID (module docstring, Get): batched
-        by nearest placement candidate, then ``fetch`` for the rest. Raises
-        like ``fetch`` for the first block no holder could give."""
-        want = list(dict.fromkeys(bguids))
-        found: dict[bytes, bytes] = {}
-        if self.local is not None:
-            found.update(await self.local.get_many(want))
-        rest = [g for g in want if g not in found]
-        if rest:
-            cands = await self.placement.candidates(rest, self.r)
-            order = {g: [p for p in self._nearest_first(cands[g]) if p.id != self.node.id]
-                     for g in rest}
-            await self._fetch_by_candidates(rest, order, found)
-        left = [g for g in want if g not in found]
-        if left:
-            self.stats["fetch_fallbacks"] += len(left)
-            limiter = trio.Semaphore(8)
-
-            async def one(g: bytes) -> None:
-                async with limiter:
-                    try:
-                        found[g] = (await self.fetch(g)).data
-                    except StorageError as e:
-                        errors.append(e)
-
-            errors: list[StorageError] = []
-            async with trio.open_nursery() as nursery:
-                for g in left:
-                    nursery.start_soon(one, g)
-            if errors:
-                raise errors[0]
-        self.stats["blocks_got"] += len(want)
-        return found
-
-    async def _fetch_by_candidates(self, rest: list[bytes], order: dict[bytes, list[Peer]],
-                                   found: dict[bytes, bytes]) -> None:
-        pos = dict.fromkeys(rest, 0)
-        bad: set[bytes] = set()
-        per_request = max(1, self.batch_bytes // seal.MAX_SEALED)
-        while rest:
-            groups: dict[bytes, tuple[Peer, list[bytes]]] = {}
-            for g in rest:
-                cs = order[g]
-                while pos[g] < len(cs) and cs[pos[g]].id in bad:
-                    pos[g] += 1
-                if pos[g] < len(cs):
-                    p = cs[pos[g]]
-                    groups.setdefault(p.id, (p, []))[1].append(g)
-            if not groups:
-                return
-
-            async def one(peer: Peer, gs: list[bytes]) -> None:
-                try:
-                    got = await bs.get_from(self.transport, peer, gs, timeout=self.timeout,
-                                            offload=self.offload)
-                except BlockCorrupt as e:
-                    self.stats["rejected_copies"] += 1
-                    log.warning("rejected a batch from %s: %s", short(peer.id), e)
-                    bad.add(peer.id)
-                    return
-                except (StorageError, PeerError) as e:
-                    self.placement.note_failure(peer.id, e)
-                    bad.add(peer.id)
-                    return
-                found.update(got)
-
-            async with trio.open_nursery() as nursery:
-                for peer, gs in groups.values():
-                    for i in range(0, len(gs), per_request):
-                        nursery.start_soon(one, peer, gs[i:i + per_request])
-            for g in rest:
-                if g not in found:
-                    pos[g] += 1
-            rest = [g for g in rest if g not in found]

@@ -116,6 +116,9 @@ async def test_malformed_overlay_requests_are_refused(sim_nodes):
         (dict(base, kind="teleport"), "bad_request"),
         (dict(base, kind="publish"), "bad_request"),           # no obj/holder/epoch
         (dict(base, kind="locate", obj=b"\x02" * 32), "bad_request"),   # no want
+        # Withdrawing someone else's pointers.
+        (dict(base, kind="unpublish", obj=b"\x02" * 32, epoch=1, hops=1,
+              holder={"id": b.id, "addr": b.peer.addr}), "bad_request"),
     ]:
         with pytest.raises(RemoteError) as e:
             await a.transport.request(b.peer, "tap.route", body)

@@ -22,7 +22,6 @@ from overlay.wire.tls import TlsTransport
 from overlay.wire.transport import Peer, RemoteError
 from p2pfs.cluster import LocalCluster, NodeProcess, python_module_argv
 from storage import blockservice as bs
-from storage import server  # noqa: F401  (registers the blk.ctl.* schemas)
 from storage.blockapi import Kind
 from storage.server import StorageNode
 

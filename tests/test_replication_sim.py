@@ -20,7 +20,7 @@ from overlay.wire.ids import Identity
 from overlay.wire.simnet import PlaneTopology, SimNetwork
 from storage.blockapi import Kind
 from storage.blockstore import BlockStore
-from storage.errors import BlockNotFound, StoreFull
+from storage.errors import BlockNotFound, StoreFull, TooFewHolders
 from storage.maintenance import HolderService
 from storage.server import StorageNode
 
@@ -257,6 +257,20 @@ async def test_a_full_holder_is_skipped_and_a_full_network_tells_the_writer(clus
         for sn in small.nodes.values():
             sn.stop()
         small.close()
+
+
+async def test_too_few_nodes_for_r_copies_and_a_smaller_write_quorum(cluster, autojump_clock):
+    a, b = await cluster.grow(2)
+    with pytest.raises(TooFewHolders):
+        await a.blocks(VOLUME).put(Kind.DATA, b"three copies wanted")
+    # With a write quorum of 2 the put is durable on both nodes; the third
+    # copy is left to the repair, once a third node exists.
+    rb = a.blocks(VOLUME, write_quorum=2)
+    g = await rb.put(Kind.DATA, b"two will do")
+    assert cluster.holders(g) == {a.id, b.id}
+    await cluster.add()
+    await trio.sleep(3 * REPAIR)
+    assert len(cluster.holders(g)) == 3
 
 
 # ---------------------------------------------------------------------- GC
