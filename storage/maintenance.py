@@ -30,9 +30,8 @@ held (placement of r + ``spare`` candidates, a ``blk.check`` batch per
 candidate), which is why they are not simply run every few seconds.
 
 Who repairs. Every holder checks the blocks it holds, but for each block
-only one acts: the first node, in placement
-order (``storage.placement`` candidates, then holders outside them), that
-holds the block and answers. Each holder computes this from the states it
+only one acts: the first node, in placement order (``storage.placement``
+candidates, then holders outside them), that holds the block and answers. Each holder computes this from the states it
 collects, so normally one copies, at worst two (views differ for an
 instant), which is harmless: stores are idempotent. Chosen over "the root of
 salt 0 checks" because that root may be the node that died. Views can also
@@ -49,9 +48,10 @@ A pass over a page of held blocks:
    not answer is dead for this pass (and forgotten by the placement cache, so
    lookups find its salts' new roots or skip them);
 3. per block: collected (rule below)? drop our copy. Else the targets are
-   the first r live candidates; if we are the responsible holder we copy the
-   block to the targets that lack it. A target that refuses (full) or fails
-   is passed over for the next spare candidate.
+   the first r live candidates (completed, while salts are unroutable, by
+   the placement's fallback nodes); if we are the responsible holder we copy
+   the block to the targets that lack it. A target that refuses (full) or
+   fails is passed over for the next spare candidate.
 
 Collected or live. ``storage.gc`` tombstones each block it deletes with
 epoch = its cutoff (milliseconds since the Unix epoch): that collection

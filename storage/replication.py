@@ -94,15 +94,15 @@ class _Progress:
     """Acknowledgements of one put, for a write quorum below r."""
 
     def __init__(self, bguids: Iterable[bytes], need: int):
-        self.acks = {g: 0 for g in bguids}
+        self.acks: dict[bytes, list[bytes]] = {g: [] for g in bguids}
         self.need = need
         self.waiting = len(self.acks)
         self.reached = trio.Event()
         self.error: BaseException | None = None
 
-    def ack(self, g: bytes) -> None:
-        self.acks[g] += 1
-        if self.acks[g] == self.need:
+    def ack(self, g: bytes, node_id: bytes) -> None:
+        self.acks[g].append(node_id)
+        if len(self.acks[g]) == self.need:
             self.waiting -= 1
             if not self.waiting:
                 self.reached.set()
@@ -205,11 +205,10 @@ class ReplicatedBlocks(BlockAccess):
         if self.quorum >= self.r:
             return await self._place(data, revive, None)
         progress = _Progress(data, self.quorum)
-        acked: dict[bytes, list[bytes]] = {}
 
         async def background() -> None:
             try:
-                acked.update(await self._place(data, revive, progress))
+                await self._place(data, revive, progress)
             except StorageError as e:
                 progress.error = e
                 log.warning("background completion of %d blocks: %s", len(data), e)
@@ -221,12 +220,13 @@ class ReplicatedBlocks(BlockAccess):
         await progress.reached.wait()
         if progress.waiting:
             raise progress.error or TooFewHolders("write quorum not reached")
-        return acked
+        return {g: list(ids) for g, ids in progress.acks.items()}   # so far
 
     async def _place(self, data: dict[bytes, bytes], revive: bool,
                      progress: _Progress | None) -> dict[bytes, list[bytes]]:
         acked: dict[bytes, list[bytes]] = {g: [] for g in data}
         passed: dict[bytes, dict[bytes, BaseException]] = {g: {} for g in data}
+        skipped_full: dict[bytes, set[bytes]] = {g: set() for g in data}
         pending = list(data)
         while pending:
             now = trio.current_time()
@@ -234,7 +234,10 @@ class ReplicatedBlocks(BlockAccess):
             def skip(g: bytes, nid: bytes) -> bool:
                 if nid in acked[g]:
                     return False
-                return nid in passed[g] or self._full.get(nid, 0.0) > now
+                if self._full.get(nid, 0.0) > now:
+                    skipped_full[g].add(nid)   # refused another block lately: full
+                    return True
+                return nid in passed[g]
 
             cands = await self.placement.candidates(pending, self.r, skip=skip)
             for g in pending:
@@ -256,28 +259,27 @@ class ReplicatedBlocks(BlockAccess):
                     if err is None:
                         acked[g].append(nid)
                         if progress is not None:
-                            progress.ack(g)
+                            progress.ack(g, nid)
                     else:
                         passed[g][nid] = err
             stuck = [g for g in pending if len(acked[g]) < self.r
                      and all(p.id in acked[g] for p in cands[g])]
             for g in stuck:
-                self._short_of_holders(g, acked[g], passed[g])
+                self._short_of_holders(g, acked[g], passed[g], skipped_full[g])
             pending = [g for g in pending if len(acked[g]) < self.r and g not in stuck]
         self.stats["blocks_put"] += len(data)
         return acked
 
     def _short_of_holders(self, g: bytes, acked: list[bytes],
-                          passed: dict[bytes, BaseException]) -> None:
+                          passed: dict[bytes, BaseException], full_skipped: set[bytes]) -> None:
         """No candidate is left for ``g``: fine above the quorum (the repair
         adds copies when nodes come back), else the writer is told why."""
         if len(acked) >= self.quorum:
             self.stats["under_replicated"] += 1
             log.warning("block %s stored on only %d of %d holders", short(g), len(acked), self.r)
             return
-        now = trio.current_time()
-        full = ([nid for nid, e in passed.items() if isinstance(e, StoreFull)]
-                or [nid for nid, until in self._full.items() if until > now])
+        full = [nid for nid, e in passed.items() if isinstance(e, StoreFull)]
+        full += sorted(full_skipped)
         why = "; ".join(f"{short(nid)}: {e}" for nid, e in list(passed.items())[:6])
         msg = (f"block {short(g)} reached only {len(acked)} of the {self.quorum} holders "
                f"it needs" + (f" (passed over: {why})" if why else ""))

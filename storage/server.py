@@ -17,8 +17,12 @@ but holds nothing; placement passes it over (``blk.where`` says so).
 The process, ``python -m storage`` (what ``p2pfs node`` runs)::
 
     python -m storage --data DIR [--listen HOST:PORT] [--bootstrap HOST:PORT#NODEID ...]
-                      [--quota 1G] [--r 3] [--repair-interval 30] [--no-fsync]
+                      [--quota 1G] [--r 3] [--repair-interval 300] [--no-fsync]
                       [--collector NODEID ...] [--no-store] [overlay timers ...]
+
+Overlay timers default as ``python -m overlay`` except the soft state of
+published objects: a storage node publishes every block it holds, so it
+republishes every 600 s (pointers live 1500 s) instead of 10 s / 25 s.
 
 It keeps its identity in ``DIR/node.key`` and its blocks in ``DIR/blocks``,
 prints one JSON ready line on stdout like ``python -m overlay``
@@ -37,7 +41,8 @@ so a volume key sent there never leaves the machine):
   ``rejected`` names holders whose copy failed verification;
 * ``blk.ctl.repair`` -> the report of one repair pass run now.
 
-SIGINT/SIGTERM: leave the overlay (bounded in time), close the store, exit 0.
+SIGINT/SIGTERM: leave the overlay (bounded in time; held blocks are not
+unpublished one by one, their pointers expire), close the store, exit 0.
 Exit codes as ``python -m overlay`` (``overlay/run.py``): 0, 2 usage, 3 no
 bootstrap node could be joined, 4 identity, data directory or store unusable.
 """
@@ -45,7 +50,9 @@ bootstrap node could be joined, 4 identity, data directory or store unusable.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import signal
 import sys
 import time
 from typing import Sequence
@@ -153,6 +160,12 @@ class StorageNode:
             self._scope.cancel()
 
     async def leave(self) -> None:
+        """Leave the overlay gracefully, without unpublishing the blocks held
+        here one routed message each (thousands of them: minutes): their
+        pointers expire, and ``locate`` skips a holder that does not answer."""
+        if self.keeper is not None:
+            for g in self.keeper.published:
+                self.node.published.pop(g, None)
         await self.node.leave()
         self.stop()
 
@@ -359,14 +372,30 @@ async def run_storage_node(opts: overlay_run.NodeOptions, args: argparse.Namespa
                 return overlay_run.EXIT_JOIN
             ctl_path = await nursery.start(control.serve)
             # SIGINT/SIGTERM: leave (bounded), which stops the node and so the process.
-            nursery.start_soon(overlay_run._on_signal, sn.node)
+            nursery.start_soon(_leave_on_signal, sn)
             info = {"event": "ready", "id": me.id.hex(), "addr": me.addr,
                     "bootstrap": f"{me.addr}#{me.id.hex()}", "control": ctl_path}
-            (ready or overlay_run._print_ready)(info)
+            (ready or _print_ready)(info)
         return code
     finally:
         if store is not None:
             store.close()
+
+
+def _print_ready(info: dict) -> None:
+    sys.stdout.write(json.dumps(info) + "\n")
+    sys.stdout.flush()
+
+
+async def _leave_on_signal(sn: StorageNode) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for sig in signals:
+            log.info("signal %d: leaving the overlay", sig)
+            cfg = sn.node.config
+            with trio.move_on_after(cfg.route_timeout + 2 * cfg.rpc_timeout):
+                await sn.leave()
+            sn.stop()
+            return
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m storage") -> int:
