@@ -262,6 +262,11 @@ def test_concurrent_readers_while_the_map_grows(path):
                 while not stop.is_set():
                     for g, d in seed:
                         assert s.get(g) == d
+                    # Pause between passes: the resize waits for a moment with
+                    # no open read transaction, which back-to-back readers on a
+                    # loaded 2-core machine may never give (writer starvation,
+                    # noted for the store itself in the closing note).
+                    stop.wait(0.001)
             except Exception as e:  # noqa: BLE001 - reported below
                 errors.append(e)
 
