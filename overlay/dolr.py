@@ -108,7 +108,10 @@ class DolrAPI:
                     break
                 ok = await self._check_holders(obj, fresh)
                 for p in fresh:
-                    (good.__setitem__(p.id, p) if p.id in ok else bad.add(p.id))
+                    if p.id in ok:
+                        good[p.id] = p
+                    else:
+                        bad.add(p.id)
                 if len(ok) == len(fresh) and len(r.found) < want:
                     break  # the route reached the root: nothing more under this salt
             if len(good) >= n:
