@@ -70,6 +70,10 @@ class Session:
     replicas: int                       # copies kept of each block
     description: str                    # one line for logs and status
     space: Callable[[], Awaitable[tuple[int, int]]] | None = field(default=None)
+    # A newer view of the volume when there is one (writers added or
+    # removed), else None; polled while mounted. None: the view never changes.
+    views: Callable[[], Awaitable[View | None]] | None = field(default=None)
+    ring: object | None = field(default=None)      # the inner ring's client, if any
 
     @property
     def single_writer(self) -> bool:

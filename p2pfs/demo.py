@@ -2,11 +2,13 @@
 
 It starts ``--nodes`` storage node processes on loopback (each: Tapestry
 routing over TLS, an LMDB block store, replica repair), the first alone and
-the rest joining through it; creates a network volume whose blocks are kept
-``--replicas`` times on those nodes; and mounts it at MOUNTPOINT in this
-process, in the foreground. Ctrl-C (or SIGTERM, or ``p2pfs umount``)
-unmounts after a final sync, then stops the nodes by PID and, unless
-``--data`` was given, removes their state.
+the rest joining through it; an inner ring of 3f+1 member processes (f=1:
+PBFT over TLS, LMDB state) that certifies the volume's view and log-heads;
+creates a network volume whose blocks are kept ``--replicas`` times on those
+nodes; and mounts it at MOUNTPOINT in this process, in the foreground.
+Ctrl-C (or SIGTERM, or ``p2pfs umount``) unmounts after a final sync, then
+stops every process by PID and, unless ``--data`` was given, removes their
+state.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import tempfile
 from pathlib import Path
 
 import trio
+
+from overlay.wire.ids import Identity
+from storage.ring_local import LocalRing, MemberFailed
 
 from .backend import BackendError
 from .cluster import ClusterError, LocalCluster, python_module_argv
@@ -63,6 +68,8 @@ def run_demo(mountpoint: str, *, nodes: int = 4, replicas: int = 3, data: str | 
         return python_module_argv("storage", *args)
 
     cluster = LocalCluster(base / "nodes", argv_for)
+    owner = Identity.generate()
+    ring = LocalRing(base / "ring", owner=owner, name="demo")
     try:
         try:
             first = cluster.start_node(0)
@@ -73,7 +80,14 @@ def run_demo(mountpoint: str, *, nodes: int = 4, replicas: int = 3, data: str | 
         except ClusterError as e:
             raise DemoError(str(e)) from None
         try:
-            mkfs_network(volume, [first.info["bootstrap"]], r=replicas, name="demo")
+            trio.run(ring.start)
+        except MemberFailed as e:
+            raise DemoError(f"the inner ring did not start: {e}") from None
+        _say(f"inner ring up: {ring.ring.n} members (f={ring.ring.f}), certifying versions "
+             f"by PBFT")
+        try:
+            mkfs_network(volume, [first.info["bootstrap"]], r=replicas, name="demo",
+                         identity=owner, ring=ring.ring)
         except BackendError as e:
             raise DemoError(str(e)) from None
         _say(f"volume 'demo' created: blocks kept {replicas}x across {nodes} nodes")
@@ -90,7 +104,8 @@ def run_demo(mountpoint: str, *, nodes: int = 4, replicas: int = 3, data: str | 
         _say("unmounted; stopping nodes")
         return 0
     finally:
+        ring.close()
         cluster.stop()
         if not data:
             shutil.rmtree(base, ignore_errors=True)
-        _say(f"stopped {len(cluster.nodes)} node processes")
+        _say(f"stopped {len(cluster.nodes)} node processes and {len(ring.procs)} ring members")

@@ -56,6 +56,7 @@ FUSE_OPTIONS = frozenset({"fsname=p2pfs", "subtype=p2pfs", "default_permissions"
 READ_AHEAD_KB = 4096            # kernel read-ahead of the mount (default 128 KiB)
 MOUNT_WAIT = 60.0               # seconds a background mount may take to appear
 FINAL_SYNC_TIMEOUT = 120.0      # seconds the final sync may take at unmount
+VIEW_POLL = 5.0                 # seconds between checks for a newer view of the volume
 
 
 class MountError(Exception):
@@ -219,6 +220,8 @@ async def serve(backend: Backend, mountpoint: str | os.PathLike, *, debug: bool 
         options = set(FUSE_OPTIONS) | ({"debug"} if debug else set())
         async with trio.open_nursery() as nursery:
             await nursery.start(ops.run)
+            if session.views is not None:
+                nursery.start_soon(_watch_view, session, ns)
             try:
                 pyfuse3.init(ops, str(mp), options)
             except RuntimeError as e:
@@ -238,6 +241,20 @@ async def serve(backend: Backend, mountpoint: str | os.PathLike, *, debug: bool 
                     pyfuse3.close(unmount=True)
                     log.info("unmounted %s", mp)
             nursery.cancel_scope.cancel()
+
+
+async def _watch_view(session, ns: Namespace) -> None:
+    """Adopt newer views while mounted (a writer added or removed)."""
+    while True:
+        await trio.sleep(VIEW_POLL)
+        try:
+            v = await session.views()
+            if v is not None:
+                await ns.update_view(v)
+                log.info("volume view version %d adopted: %d active writers", v.version,
+                         len(v.active_ids()))
+        except StorageError as e:
+            log.warning("newer view not adopted: %s", e)
 
 
 async def _final_sync(ops: P2pfsOperations) -> None:

@@ -43,12 +43,13 @@ class MemberFailed(Exception):
 
 class LocalRing:
     def __init__(self, directory, *, f: int = 1, args: list[str] | None = None,
-                 byzantine: dict[int, str] | None = None, name: str = "local"):
+                 byzantine: dict[int, str] | None = None, name: str = "local",
+                 owner: Identity | None = None):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.args = args or []
         self.byzantine = byzantine or {}
-        self.owner = Identity.generate()
+        self.owner = owner or Identity.generate()   # e.g. the volume's owner
         n = 3 * f + 1
         self.ids = []
         for k in range(n):
@@ -83,7 +84,7 @@ class LocalRing:
         log = open(self.dir / f"member{k}.log", "ab")
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
         self.procs[k] = subprocess.Popen(self.command(k) + (extra or []), stdout=subprocess.PIPE,
-                                         stderr=log, env=env)
+                                         stderr=log, env=env, start_new_session=True)
         log.close()
         self.ready[k] = None
 
