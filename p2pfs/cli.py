@@ -42,7 +42,8 @@ def cmd_init(args) -> int:
         ident = Identity.load_or_create(path)
     except IdentityError as e:
         raise CliError(str(e)) from None
-    print(f"{'identity exists' if existed else 'created identity'}: {path}\nid: {ident.id.hex()}")
+    print(f"{'identity exists' if existed else 'created identity'}: {path}\nid: {ident.id.hex()}\n"
+          f"public key: {ident.public_key.hex()}")
     return EXIT_OK
 
 
@@ -65,14 +66,33 @@ def _backend_for(volume_dir: str):
     return NetworkBackend(volume_dir) if fmt.get("kind") == "network" else LocalBackend(volume_dir)
 
 
+def _home_identity(args):
+    from overlay.wire.ids import Identity, IdentityError
+
+    path = Path(args.home) / "identity.key"
+    if not path.exists():
+        raise CliError(f"no identity at {path}: create one with p2pfs init")
+    try:
+        return Identity.load(path)
+    except IdentityError as e:
+        raise CliError(str(e)) from None
+
+
 def cmd_mkfs(args) -> int:
+    from .admin import load_ring
     from .backend import BackendError, mkfs_local
     from .netbackend import mkfs_network
 
+    if args.ring and not args.bootstrap:
+        raise CliError("--ring needs --bootstrap: a ring certifies a network volume")
     try:
         if args.bootstrap:
-            view = mkfs_network(args.volume_dir, args.bootstrap, r=args.replicas, name=args.name)
-            kind = f"network volume (r={args.replicas})"
+            ring = load_ring(Path(args.ring)) if args.ring else None
+            ident = _home_identity(args) if ring else None
+            view = mkfs_network(args.volume_dir, args.bootstrap, r=args.replicas, name=args.name,
+                                identity=ident, ring=ring)
+            kind = f"network volume (r={args.replicas}" + (
+                f", inner ring of {ring.n})" if ring else ", no inner ring: one writer)")
         else:
             view = mkfs_local(args.volume_dir, name=args.name)
             kind = "single-node volume"
@@ -80,6 +100,100 @@ def cmd_mkfs(args) -> int:
         raise CliError(str(e)) from None
     print(f"created {kind} {view.name!r} in {args.volume_dir}")
     return EXIT_OK
+
+
+def cmd_ring_init(args) -> int:
+    from .admin import ring_init
+
+    ring = ring_init(_home_identity(args), args.member, Path(args.output), f=args.f,
+                     name=args.name)
+    print(f"wrote {args.output}: ring {ring.ring_id.hex()[:16]} of {ring.n} members (f={ring.f}),"
+          f" owner {ring.owner.hex()[:16]}\nstart each member with: p2pfs ring-member --data DIR "
+          f"--ring {args.output}")
+    return EXIT_OK
+
+
+def cmd_add_writer(args) -> int:
+    import trio
+
+    from .admin import add_writer
+
+    try:
+        key = bytes.fromhex(args.public_key)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise CliError("the writer's public key is 64 hex digits (p2pfs init prints it)")
+    out = trio.run(add_writer, Path(args.volume_dir), key, Path(args.ticket))
+    print(f"added writer {out['writer'][:16]} (view version {out['view_version']}); give it "
+          f"{out['ticket']} and let it run: p2pfs join {out['ticket']} VOLUME_DIR")
+    return EXIT_OK
+
+
+def cmd_join(args) -> int:
+    from .admin import join
+
+    out = join(Path(args.ticket), Path(args.volume_dir), _home_identity(args))
+    print(f"joined volume {out['volume']!r} ({out['writers']} writers) in {out['dir']}; "
+          f"mount it with: p2pfs mount {out['dir']} MOUNTPOINT")
+    return EXIT_OK
+
+
+def cmd_status(args) -> int:
+    import trio
+
+    from .admin import status
+
+    backend = _backend_for(args.volume_dir)
+    from .netbackend import NetworkBackend
+
+    if not isinstance(backend, NetworkBackend):
+        raise CliError(f"{args.volume_dir} is a single-node volume: nothing on a network to "
+                       f"report")
+    out = trio.run(status, Path(args.volume_dir))
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return EXIT_OK
+    print(f"volume {out['volume']!r} ({out['id'][:16]}), r={out['r']}")
+    print(f"overlay: client {out['overlay']['client'][:16]}, "
+          f"{out['overlay']['neighbours']} neighbours")
+    ring = out["ring"]
+    if ring is None:
+        print("inner ring: none (log-heads kept locally: one writer)")
+    else:
+        print(f"inner ring {ring['id'][:16]} epoch {ring['epoch']}: {ring['members_up']}/"
+              f"{len(ring['members'])} members up, quorum {ring['quorum']}: "
+              f"{'healthy' if ring['healthy'] else 'NO QUORUM: updates wait'}")
+        for m in ring["members"]:
+            state = (f"up, view {m['view']}, executed {m['executed']}" if m["up"]
+                     else f"DOWN ({m['error']})")
+            print(f"  member {m['id'][:16]} at {m['addr']}: {state}")
+    print(f"writers (view version {out.get('view_version', 1)}):")
+    for w in out["writers"]:
+        extra = f", {w['certified_heads']} certified heads" if "certified_heads" in w else ""
+        print(f"  {w['id'][:16]}{' (owner)' if w.get('owner') else ''}"
+              f"{'' if w['active'] else ' removed'}{extra}")
+    return EXIT_OK if ring is None or ring["healthy"] else EXIT_FAIL
+
+
+def cmd_conflicts(args) -> int:
+    from .admin import conflicts
+
+    found = conflicts(Path(args.mountpoint))
+    if args.json:
+        print(json.dumps(found, indent=1))
+    elif not found:
+        print("no conflicts")
+    else:
+        for c in found:
+            print(json.dumps(c))
+    return EXIT_OK
+
+
+def cmd_ring_member(args) -> int:
+    from storage.ringnode import main as ring_main
+
+    return ring_main(args.member_args)
 
 
 def cmd_mount(args) -> int:
@@ -145,7 +259,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a node of the network to keep the blocks on (repeatable); none: single-node")
     s.add_argument("-r", "--replicas", type=int, default=3, help="copies of each block (default 3)")
     s.add_argument("--name", default="p2pfs", help="the volume's name (default p2pfs)")
+    s.add_argument("--ring", metavar="RING.json",
+                   help="the volume's inner ring (from p2pfs ring-init, signed by this user's "
+                        "identity, which owns the volume): certified heads, several writers")
+    s.add_argument("--home", default=str(default_home()), help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_mkfs)
+
+    s = sub.add_parser("ring-init", help="write an inner ring descriptor signed by this user")
+    s.add_argument("-o", "--output", required=True, help="file to write (ring.json)")
+    s.add_argument("--member", action="append", default=[], required=True,
+                   metavar="PUBKEY@HOST:PORT", help="a member (3f+1 of them; repeatable)")
+    s.add_argument("-f", type=int, default=1, help="faulty members tolerated (default 1)")
+    s.add_argument("--name", default="ring", help="a name for the ring")
+    s.add_argument("--home", default=str(default_home()), help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_ring_init)
+
+    s = sub.add_parser("ring-member", help="run an inner ring member; see p2pfs ring-member "
+                                           "--help", add_help=False)
+    s.add_argument("member_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_ring_member)
+
+    s = sub.add_parser("add-writer", help="let another user write to a volume (owner only)")
+    s.add_argument("volume_dir")
+    s.add_argument("public_key", help="the new writer's public key (64 hex digits)")
+    s.add_argument("--ticket", required=True, help="write the join ticket here")
+    s.set_defaults(func=cmd_add_writer)
+
+    s = sub.add_parser("join", help="set up this user's directory for a volume it was added to")
+    s.add_argument("ticket", help="the ticket from p2pfs add-writer")
+    s.add_argument("volume_dir", help="an empty or missing directory")
+    s.add_argument("--home", default=str(default_home()), help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_join)
+
+    s = sub.add_parser("status", help="a network volume's ring, writers and overlay")
+    s.add_argument("volume_dir")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("conflicts", help="list the conflicts of a mounted volume")
+    s.add_argument("mountpoint")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_conflicts)
 
     s = sub.add_parser("mount", help="mount a volume (foreground; Ctrl-C or p2pfs umount to stop)")
     s.add_argument("volume_dir")
@@ -177,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
         from storage.server import main as storage_main
 
         return storage_main(argv[1:], prog="p2pfs node")
+    if argv[:1] == ["ring-member"]:
+        from storage.ringnode import main as ring_main
+
+        return ring_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

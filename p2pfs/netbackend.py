@@ -193,14 +193,18 @@ class NetworkBackend(LocalBackend):
         return ring
 
     @contextlib.asynccontextmanager
-    async def connect(self, fmt: dict | None = None) -> AsyncIterator["Connection"]:
+    async def connect(self, fmt: dict | None = None, *,
+                      ephemeral: bool = True) -> AsyncIterator["Connection"]:
         """A client node joined to the volume's network, with a ring client
         signing as this writer (no volume lock: for admin commands, and
-        inside :meth:`attach`)."""
+        inside :meth:`attach`). ``ephemeral``: the node gets a fresh NodeID,
+        so it can run beside this volume's mount (which uses ``node.key``:
+        two live nodes must never share an id)."""
         fmt = fmt or self._read_format()
         try:
             identity = Identity.load(self.dir / "identity.key")
-            node_identity = Identity.load(self.dir / "node.key")
+            node_identity = (Identity.generate() if ephemeral
+                             else Identity.load(self.dir / "node.key"))
             view = View.decode((self.dir / "view").read_bytes())
             view.verify()
             ring = self._ring() if fmt.get("ring") else None
@@ -232,7 +236,7 @@ class NetworkBackend(LocalBackend):
             except StorageError as e:
                 raise BackendError(f"cannot open volume {self.dir}: {e}") from None
             try:
-                async with self.connect(fmt) as conn:
+                async with self.connect(fmt, ephemeral=False) as conn:
                     yield await conn.session(local)
             finally:
                 local.close()
