@@ -228,7 +228,7 @@ def cmd_demo(args) -> int:
 
     try:
         return run_demo(args.mountpoint, nodes=args.nodes, replicas=args.replicas,
-                        data=args.data, debug=args.debug)
+                        data=args.data, debug=args.debug, ring_size=args.ring)
     except DemoError as e:
         raise CliError(str(e)) from None
 
@@ -316,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("mountpoint", help="an empty directory (created if missing)")
     s.add_argument("-n", "--nodes", type=int, default=4, help="node processes to start (default 4)")
     s.add_argument("-r", "--replicas", type=int, default=3, help="copies of each block (default 3)")
+    s.add_argument("--ring", type=int, default=4, metavar="N",
+                   help="inner ring members, 3f+1 (default 4); 0: none, heads kept locally")
     s.add_argument("--data", help="keep the network's state here (default: a temporary directory, "
                                   "removed at exit)")
     s.add_argument("--debug", action="store_true", help="log every FUSE request")

@@ -42,9 +42,12 @@ def _say(msg: str) -> None:
 
 
 def run_demo(mountpoint: str, *, nodes: int = 4, replicas: int = 3, data: str | None = None,
-             debug: bool = False) -> int:
+             debug: bool = False, ring_size: int = 4) -> int:
     if not 1 <= nodes <= 64:
         raise DemoError("--nodes must be in 1..64")
+    if ring_size != 0 and (ring_size < 4 or (ring_size - 1) % 3):
+        raise DemoError("--ring must be 0 (no inner ring: heads kept locally) or 3f+1 members "
+                        "(4, 7, 10, ...)")
     if not 1 <= replicas <= min(nodes, 16):
         raise DemoError(f"--replicas must be in 1..{min(nodes, 16)} (at most one copy per node)")
     mp = Path(mountpoint)
@@ -69,7 +72,8 @@ def run_demo(mountpoint: str, *, nodes: int = 4, replicas: int = 3, data: str | 
 
     cluster = LocalCluster(base / "nodes", argv_for)
     owner = Identity.generate()
-    ring = LocalRing(base / "ring", owner=owner, name="demo")
+    ring = LocalRing(base / "ring", owner=owner, name="demo",
+                     f=max(1, (ring_size - 1) // 3)) if ring_size else None
     try:
         try:
             first = cluster.start_node(0)
@@ -79,15 +83,16 @@ def run_demo(mountpoint: str, *, nodes: int = 4, replicas: int = 3, data: str | 
                 _say(f"node {i + 1}/{nodes} joined at {n.addr} (id {n.id_hex[:8]})")
         except ClusterError as e:
             raise DemoError(str(e)) from None
-        try:
-            trio.run(ring.start)
-        except MemberFailed as e:
-            raise DemoError(f"the inner ring did not start: {e}") from None
-        _say(f"inner ring up: {ring.ring.n} members (f={ring.ring.f}), certifying versions "
-             f"by PBFT")
+        if ring is not None:
+            try:
+                trio.run(ring.start)
+            except MemberFailed as e:
+                raise DemoError(f"the inner ring did not start: {e}") from None
+            _say(f"inner ring up: {ring.ring.n} members (f={ring.ring.f}), certifying "
+                 f"log-heads and the view by PBFT")
         try:
             mkfs_network(volume, [first.info["bootstrap"]], r=replicas, name="demo",
-                         identity=owner, ring=ring.ring)
+                         identity=owner, ring=ring.ring if ring else None)
         except BackendError as e:
             raise DemoError(str(e)) from None
         _say(f"volume 'demo' created: blocks kept {replicas}x across {nodes} nodes")
@@ -104,8 +109,10 @@ def run_demo(mountpoint: str, *, nodes: int = 4, replicas: int = 3, data: str | 
         _say("unmounted; stopping nodes")
         return 0
     finally:
-        ring.close()
+        if ring is not None:
+            ring.close()
         cluster.stop()
         if not data:
             shutil.rmtree(base, ignore_errors=True)
-        _say(f"stopped {len(cluster.nodes)} node processes and {len(ring.procs)} ring members")
+        _say(f"stopped {len(cluster.nodes)} node processes"
+             + (f" and {len(ring.procs)} ring members" if ring else ""))

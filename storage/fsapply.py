@@ -9,12 +9,12 @@ identically by every reader:
 
 * **Names.** An entry created (link, rename) where a concurrent record
   already made one: the earlier entry keeps the name, the later goes to
-  ``name.conflict-<writer>-<seq>`` (its writer and seq).
+  ``stem.conflict-<writer>-<UTC time>-<seq>.ext`` (``FsState.free_name``).
 * **File data.** A write or truncate that did not see the file's last data
   change starts or extends a conflict copy: a new file
   (``fsstate.conflict_ino``) holding the file as the writer saw it (its
   concurrent changes reverted from the undo notes) plus its change, linked
-  next to the file as ``name.conflict-<writer>-<seq>``. Later changes that
+  next to the file under such a conflict name. Later changes that
   saw that copy's last change but not the file's go to the copy. The
   side that changed the file first in the total order keeps the name; a
   change that saw both resolves the conflict and the copy stays as a file.
@@ -105,7 +105,7 @@ def _resurrect(st: FsState, rec: Record, ino: int, depth: int = 0) -> Inode:
     if parent is None or not parent.is_dir:
         parent = st.inodes[ROOT_INO]
     st.inodes[ino] = node
-    new = name if name not in parent.entries else st.free_name(parent, name, rec.dot)
+    new = name if name not in parent.entries else st.free_name(parent, name, rec.dot, rec.time)
     st.add_entry(parent, new, node, rec.dot, rec.time, name)
     st.conflicts.append(Conflict("delete", parent.ino, name, new, ino, ino, rec.dot, t.death))
     return node
@@ -170,7 +170,7 @@ def _link(st: FsState, rec: Record, b: Link) -> None:
     if e is not None:
         if e.ino == node.ino:
             raise _Skip("already linked there")
-        name = st.free_name(d, b.name, rec.dot)
+        name = st.free_name(d, b.name, rec.dot, rec.time)
         st.conflicts.append(Conflict("name", d.ino, b.name, name, e.ino, node.ino, e.dot, rec.dot))
     st.add_entry(d, name, node, rec.dot, rec.time, b.name)
 
@@ -190,7 +190,7 @@ def _unlink(st: FsState, rec: Record, b: Unlink) -> None:
             raise _Skip("directory gained entries concurrently")
     elif node.nlink == 1 and not rec.sees(node.dtip):
         # The file changed concurrently: keep that change reachable.
-        new = st.free_name(d, name, rec.dot)
+        new = st.free_name(d, name, rec.dot, rec.time)
         st.move_entry(d, name, d, new, rec.dot, rec.time, _asked(d, name))
         st.conflicts.append(Conflict("delete", d.ino, name, new, node.ino, node.ino,
                                      node.dtip, rec.dot))
@@ -223,18 +223,18 @@ def _rename(st: FsState, rec: Record, b: Rename) -> None:
             if target.is_dir != node.is_dir:
                 raise _Skip("rename between a directory and a non-directory")
             if target.is_dir and target.entries:
-                dname = st.free_name(dd, b.dname, rec.dot)
+                dname = st.free_name(dd, b.dname, rec.dot, rec.time)
                 st.conflicts.append(Conflict("name", dd.ino, b.dname, dname, de.ino, node.ino,
                                              de.dot, rec.dot))
             elif not target.is_dir and target.nlink == 1 and not rec.sees(target.dtip):
-                keep = st.free_name(dd, b.dname, rec.dot)
+                keep = st.free_name(dd, b.dname, rec.dot, rec.time)
                 st.move_entry(dd, b.dname, dd, keep, rec.dot, rec.time, _asked(dd, b.dname))
                 st.conflicts.append(Conflict("delete", dd.ino, b.dname, keep, target.ino,
                                              target.ino, target.dtip, rec.dot))
             else:
                 st.remove_entry(dd, b.dname, rec)
         else:
-            dname = st.free_name(dd, b.dname, rec.dot)
+            dname = st.free_name(dd, b.dname, rec.dot, rec.time)
             st.conflicts.append(Conflict("name", dd.ino, b.dname, dname, de.ino, node.ino,
                                          de.dot, rec.dot))
     st.move_entry(sd, sname, dd, dname, rec.dot, rec.time, b.dname)
@@ -388,7 +388,7 @@ def _make_copy(st: FsState, rec: Record, n: Inode) -> Inode:
     else:
         dino, name = ROOT_INO, b"orphan-%d" % n.ino
     d = st.inodes[dino]
-    new = st.free_name(d, name, rec.dot)
+    new = st.free_name(d, name, rec.dot, rec.time)
     st.add_entry(d, new, c, rec.dot, rec.time)
     st.conflicts.append(Conflict("data", dino, name, new, n.ino, ino, n.dtip, rec.dot))
     return c

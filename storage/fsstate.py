@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import stat
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -72,6 +73,15 @@ class Entry(NamedTuple):
     ino: int
     dot: Dot | None
     asked: bytes | None = None
+
+
+def split_extension(name: bytes) -> tuple[bytes, bytes]:
+    """(stem, extension with its dot); no extension for dot-files, names
+    ending in a dot, or "extensions" too long or with spaces to be one."""
+    i = name.rfind(b".")
+    if i <= 0 or i == len(name) - 1 or len(name) - i > 16 or b" " in name[i:]:
+        return name, b""
+    return name[:i], name[i:]
 
 
 class Conflict(NamedTuple):
@@ -270,15 +280,21 @@ class FsState:
         node = self.detach_entry(sd, sname, t)
         self.add_entry(dd, dname, node, dot, t, asked)
 
-    def free_name(self, d: Inode, name: bytes, dot: Dot) -> bytes:
+    def free_name(self, d: Inode, name: bytes, dot: Dot, t: int) -> bytes:
         """A conflict name for ``name`` in ``d``, unused, from the record
-        that needs it: ``name.conflict-<writer>-<seq>``."""
-        suffix = b".conflict-" + dot.writer[:4].hex().encode() + b"-" + str(dot.seq).encode()
-        base = name[:MAX_NAME - len(suffix) - 4] + suffix
-        cand, i = base, 1
+        that needs it (``dot``, written at ``t`` ns): which writer, when, and
+        the file's extension kept, so it still opens with the same program:
+        ``report.conflict-3f2a91c0-20261125T231005Z-5.txt`` (writer's id
+        prefix, the record's UTC time, its seq). Every reader derives the
+        same name from the same record."""
+        stem, ext = split_extension(name)
+        when = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t // 1_000_000_000))
+        tag = b".conflict-%s-%s-%d" % (dot.writer[:4].hex().encode(), when.encode(), dot.seq)
+        base = stem[:MAX_NAME - len(tag) - len(ext) - 4] + tag
+        cand, i = base + ext, 1
         while cand in d.entries:
             i += 1
-            cand = base + b"~" + str(i).encode()
+            cand = base + b"~" + str(i).encode() + ext
         return cand
 
     def note(self, rec: Record, why: str) -> None:
