@@ -207,20 +207,31 @@ class Router:
                 await self.finish(msg, found=found)
                 return
             msg["found"] = [m.peer_body(p) for p in found]
-        hop = node.table.next_hop(target, msg["level"])
-        if hop is None:
-            await self._at_root(msg, found)
-            return
-        level, slot = hop
-        spread = []
-        if kind in ("publish", "unpublish") and msg["hops"] < node.config.spread_hops:
-            spread = self._spread(msg, slot)
-        took = await self.forward(msg, level, slot)
-        if took is None:
-            await self.finish(msg, found=found, error=(
-                "no_route", f"{short(node.id)}: no live next hop toward {short(target)} "
-                            f"at level {level}"))
-        elif kind == "publish":
+        dead: set[bytes] = set()
+        while True:
+            hop = node.table.next_hop(target, msg["level"], skip=dead)
+            if hop is None:
+                await self._at_root(msg, found)
+                return
+            level, slot = hop
+            spread = []
+            if kind in ("publish", "unpublish") and msg["hops"] < node.config.spread_hops:
+                spread = self._spread(msg, slot)
+            took = await self.forward(msg, level, slot)
+            if took is not None:
+                break
+            # Every entry of the slot and the alternates failed: until repair
+            # removes them, route as if the slot were empty (surrogate
+            # routing among the nodes that are alive).
+            newly = {n.id for n in slot} - dead
+            if not newly or len(dead) > 64:
+                await self.finish(msg, found=found, error=(
+                    "no_route", f"{short(node.id)}: no live next hop toward {short(target)} "
+                                f"at level {level}"))
+                return
+            dead |= newly
+            node.stats["dead_slot_reroutes"] += 1
+        if kind == "publish":
             p = node.pointers.get(msg["obj"], msg["holder"]["id"], target)
             if p is not None and len(p.sent_to) < 8:
                 p.sent_to.add(took.id)

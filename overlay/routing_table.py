@@ -265,8 +265,8 @@ class RoutingTable:
 
     # ----------------------------------------------------------------- routing
 
-    def next_hop(self, target: bytes, level: int = 0, *,
-                 exclude_self: bool = False) -> tuple[int, list[Neighbour]] | None:
+    def next_hop(self, target: bytes, level: int = 0, *, exclude_self: bool = False,
+                 skip: frozenset | set = frozenset()) -> tuple[int, list[Neighbour]] | None:
         """Surrogate routing (JSAC Fig. 3) from ``level``: returns ``(l,
         slot)``, the level at which the message leaves this node and the
         entries of the chosen slot (primary first; the receiver continues at
@@ -274,7 +274,11 @@ class RoutingTable:
 
         ``exclude_self`` computes the route as if this node had left: its own
         slot counts as filled only when some other node shares that deeper
-        prefix. A leaving node uses it to hand over the pointers it roots."""
+        prefix. A leaving node uses it to hand over the pointers it roots.
+
+        ``skip``: NodeIDs that just failed to take a message; a slot holding
+        only those counts as empty, so the route goes on by surrogate routing
+        among live nodes before repair has removed the dead ones."""
         my = self.my_digits
         for lv in range(level, DIGITS):
             if lv >= self._depth:
@@ -291,7 +295,7 @@ class RoutingTable:
                     if not exclude_self or self._depth > lv + 1:
                         break  # our own slot: descend a level
                     continue
-                if row[d]:
+                if row[d] and (not skip or any(n.id not in skip for n in row[d])):
                     return lv, row[d]
         return None
 

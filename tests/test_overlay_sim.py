@@ -7,6 +7,7 @@ invariant (a slot is empty exactly when no live node has its prefix)."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -352,4 +353,27 @@ async def test_alternate_route_when_the_next_hop_keeps_failing(autojump_clock):
         # The suspect stays in its slot, so the next route goes around at once.
         r = await a.find_root(b)
         assert r.at.id == b
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_slot_of_only_crashed_nodes_is_routed_around_before_repair(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        # Crashed simulated hosts time out (a killed process on a live host
+        # refuses at once); short hop timeouts keep the many first attempts
+        # that meet dead entries inside the origin's route timeout.
+        c = Cluster(nursery, seed=11, config=dataclasses.replace(CONFIG, hop_timeout=0.5))
+        await c.grow(30)
+        # Crash every node whose first digit is that of some victim: the
+        # level-0 slot for that digit is now all dead in every table, and no
+        # heartbeat round has noticed yet.
+        victim = c.rnd.choice(list(c.nodes.values()))
+        d0 = digits(victim.id)[0]
+        for n in [n for n in c.nodes.values() if digits(n.id)[0] == d0]:
+            c.crash(n)
+        target = victim.id                          # route toward the dead node's own id
+        want = global_root(target, c.ids())         # its surrogate among the living
+        for a in list(c.nodes.values())[:10]:
+            r = await a.find_root(target)
+            assert r.at.id == want
+        assert sum(a.stats["dead_slot_reroutes"] for a in c.nodes.values()) >= 1
         nursery.cancel_scope.cancel()
