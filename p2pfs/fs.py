@@ -38,10 +38,14 @@ Reading keeps per-open-file state: a sequential reader gets a read-ahead
 window (doubling up to ``RA_MAX``) fetched in the background into the
 namespace's block cache, so the next reads find their blocks there.
 
-Read-only extended attributes ``user.p2pfs.*`` describe a file (volume,
-inode, creating writer, replicas); they are not listed, so copying tools do
-not carry them elsewhere. Past versions under ``.snapshots`` will plug in
-at :meth:`P2pfsOperations._virtual_lookup`.
+Past versions and facts (``p2pfs.fs_history``): every handler first
+asks whether its inode (or parent) belongs to ``.snapshots``, a hidden but
+reachable directory of the root; those are answered by the history, read
+only (every mutation there is EROFS). Read-only extended attributes
+``user.p2pfs.*`` describe a file (volume, inode, creating writer, last
+change, blocks and their holders) and the root lists the volume's conflicts
+(``user.p2pfs.conflicts``); they are not listed, so copying tools do not
+carry them elsewhere, and setting or removing them is EPERM.
 """
 
 from __future__ import annotations
@@ -56,11 +60,13 @@ import pyfuse3
 import trio
 
 from storage.blockapi import MAX_BLOCK
-from storage.fs_errors import FsError, NotADirectory, NotFound, NotPermitted, NotSupported
-from storage.fsstate import CONFLICT_BIT, INO_SHIFT, ROOT_INO
+from storage.facts import is_fact
+from storage.fs_errors import NotADirectory, NotFound, NotPermitted, NotSupported, ReadOnly
+from storage.fsstate import ROOT_INO
 from storage.namespace import Attr, Namespace
 
 from .errmap import errno_of, fuse_op
+from .fs_history import SNAPSHOTS_INO, HistoryFront
 
 log = logging.getLogger("p2pfs.fs")
 
@@ -71,7 +77,6 @@ RA_MIN = 256 << 10           # first read-ahead window of a sequential reader
 RA_MAX = 8 << 20             # largest read-ahead window
 RA_PIECE = 1 << 20           # read-ahead fetched in pieces of this size
 SYNC_INTERVAL = 2.0          # seconds between background publishes of changes
-INFO_PREFIX = b"user.p2pfs."
 
 
 @dataclass(frozen=True)
@@ -135,21 +140,26 @@ class _File:
 
 
 class _Dir:
-    """An open directory: its listing, taken when reading starts at 0."""
+    """An open directory: its listing, taken when reading starts at 0
+    (for a history directory, also when the history forgot inode numbers
+    since: ``forgets`` was its count then)."""
 
-    __slots__ = ("ino", "entries")
+    __slots__ = ("ino", "entries", "forgets")
 
     def __init__(self, ino: int):
         self.ino = ino
         self.entries: list[tuple[bytes, Attr, bool]] | None = None
+        self.forgets = 0
 
 
 class P2pfsOperations(pyfuse3.Operations):
     """pyfuse3 handlers over one mounted :class:`Namespace` (module docstring).
 
     ``replicas`` and ``description`` are shown by the ``user.p2pfs.*``
-    attributes; ``space`` is an optional async callable giving (capacity,
-    free) bytes for statfs; ``read_ahead`` the largest read-ahead window.
+    attributes, ``holders`` (``async (bguid) -> [node id]``) finds a block's
+    holders for them (default: through the overlay on a network volume);
+    ``space`` is an optional async callable giving (capacity, free) bytes
+    for statfs; ``read_ahead`` the largest read-ahead window.
     Start background work with ``await nursery.start(ops.run)`` before
     ``pyfuse3.main`` and call :meth:`shutdown` after it returns."""
 
@@ -157,7 +167,8 @@ class P2pfsOperations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, ns: Namespace, policy: CachePolicy, *, replicas: int = 1,
-                 space=None, description: str = "", read_ahead: int = RA_MAX):
+                 space=None, description: str = "", read_ahead: int = RA_MAX,
+                 holders=None):
         super().__init__()
         self.ns = ns
         self.policy = policy
@@ -174,6 +185,8 @@ class P2pfsOperations(pyfuse3.Operations):
         self._writes: dict[int, _Writes] = {}
         self._lookups: dict[int, int] = {}      # ino -> kernel lookup count
         self._versions: dict[int, tuple] = {}   # ino -> key of the kernel's page cache
+        self.history = HistoryFront(ns, replicas=replicas, description=description,
+                                    holders=holders)
 
     # ------------------------------------------------------------------
     # Lifecycle
@@ -223,8 +236,11 @@ class P2pfsOperations(pyfuse3.Operations):
             size, blocks = w.end, (w.end + 511) // 512
         e.st_ino = a.ino
         e.generation = 0            # inode numbers are never reused
-        e.entry_timeout = self.policy.entry_timeout
-        e.attr_timeout = self.policy.attr_timeout
+        if HistoryFront.owns(a.ino):
+            e.entry_timeout = e.attr_timeout = self.history.ttl(a.ino)
+        else:
+            e.entry_timeout = self.policy.entry_timeout
+            e.attr_timeout = self.policy.attr_timeout
         e.st_mode = a.mode
         e.st_nlink = a.nlink
         e.st_uid = a.uid
@@ -238,10 +254,10 @@ class P2pfsOperations(pyfuse3.Operations):
         e.st_ctime_ns = a.ctime_ns
         return e
 
-    def _negative(self) -> pyfuse3.EntryAttributes:
+    def _negative(self, timeout: float | None = None) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = 0
-        e.entry_timeout = self.policy.negative_timeout
+        e.entry_timeout = self.policy.negative_timeout if timeout is None else timeout
         return e
 
     def _looked_up(self, ino: int) -> None:
@@ -298,16 +314,23 @@ class P2pfsOperations(pyfuse3.Operations):
     # ------------------------------------------------------------------
     # Names
 
-    def _virtual_lookup(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes | None:
-        """Entries that are not in the namespace (``.snapshots`` will live
-        here). None: look the name up in the namespace."""
-        return None
+    async def _history_lookup(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
+        try:
+            if parent == ROOT_INO:
+                a = await self.history.top()
+            else:
+                a = await self.history.lookup(parent, name)
+        except NotFound:
+            # Names in .snapshots come and go (new versions, `latest`);
+            # inside a version nothing changes.
+            return self._negative(0.0 if parent == SNAPSHOTS_INO else None)
+        self._looked_up(a.ino)
+        return self._entry(a)
 
     @fuse_op
     async def lookup(self, parent_inode, name, ctx):
-        virtual = self._virtual_lookup(parent_inode, name)
-        if virtual is not None:
-            return virtual
+        if HistoryFront.owns(parent_inode) or HistoryFront.is_reserved(parent_inode, name):
+            return await self._history_lookup(parent_inode, name)
         try:
             a = await self.ns.lookup(parent_inode, name)
         except NotFound:
@@ -332,17 +355,23 @@ class P2pfsOperations(pyfuse3.Operations):
                     self._lookups[ino] = left
                 else:
                     self._lookups.pop(ino, None)
-                    if ino not in self._opens:
+                    if HistoryFront.owns(ino):
+                        self.history.forget(ino)
+                    elif ino not in self._opens:
                         self._versions.pop(ino, None)
         except Exception as e:  # noqa: BLE001
             errno_of(e, "forget")
 
     @fuse_op
     async def getattr(self, inode, ctx):
+        if HistoryFront.owns(inode):
+            return self._entry(await self.history.getattr(inode))
         return self._entry(await self.ns.getattr(inode))
 
     @fuse_op
     async def setattr(self, inode, attr, fields, fh, ctx):
+        if HistoryFront.owns(inode):
+            raise ReadOnly("setattr: .snapshots and past versions are read-only")
         w = self._writes.get(inode)
         if w is not None:
             await self._drain(w)    # later writes must not undo a truncate or utime
@@ -365,14 +394,18 @@ class P2pfsOperations(pyfuse3.Operations):
 
     @fuse_op
     async def readlink(self, inode, ctx):
+        if HistoryFront.owns(inode):
+            return await self.history.readlink(inode)
         return await self.ns.readlink(inode)
 
     @fuse_op
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        HistoryFront.refuse_in(parent_inode, name, "mknod", creates=True)
         raise NotSupported("device nodes, FIFOs and sockets are not stored by p2pfs")
 
     @fuse_op
     async def mkdir(self, parent_inode, name, mode, ctx):
+        HistoryFront.refuse_in(parent_inode, name, "mkdir", creates=True)
         mode, gid = await self._owner(parent_inode, mode, ctx, True)
         a = await self.ns.mkdir(parent_inode, name, mode, ctx.uid, gid)
         self._looked_up(a.ino)
@@ -380,6 +413,7 @@ class P2pfsOperations(pyfuse3.Operations):
 
     @fuse_op
     async def symlink(self, parent_inode, name, target, ctx):
+        HistoryFront.refuse_in(parent_inode, name, "symlink", creates=True)
         _, gid = await self._owner(parent_inode, 0o777, ctx, False)
         a = await self.ns.symlink(parent_inode, name, target, ctx.uid, gid)
         self._looked_up(a.ino)
@@ -387,20 +421,27 @@ class P2pfsOperations(pyfuse3.Operations):
 
     @fuse_op
     async def link(self, inode, new_parent_inode, new_name, ctx):
+        if HistoryFront.owns(inode):
+            raise ReadOnly("link: files of past versions cannot be linked into the volume")
+        HistoryFront.refuse_in(new_parent_inode, new_name, "link", creates=True)
         a = await self.ns.link(inode, new_parent_inode, new_name)
         self._looked_up(a.ino)
         return self._entry(a)
 
     @fuse_op
     async def unlink(self, parent_inode, name, ctx):
+        HistoryFront.refuse_in(parent_inode, name, "unlink")
         await self.ns.unlink(parent_inode, name)
 
     @fuse_op
     async def rmdir(self, parent_inode, name, ctx):
+        HistoryFront.refuse_in(parent_inode, name, "rmdir")
         await self.ns.rmdir(parent_inode, name)
 
     @fuse_op
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        HistoryFront.refuse_in(parent_inode_old, name_old, "rename")
+        HistoryFront.refuse_in(parent_inode_new, name_new, "rename")
         await self.ns.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     # ------------------------------------------------------------------
@@ -408,9 +449,13 @@ class P2pfsOperations(pyfuse3.Operations):
 
     @fuse_op
     async def opendir(self, inode, ctx):
-        if self.policy.refresh_on_open:
-            await self.ns.refresh()
-        a = await self.ns.getattr(inode)
+        history = HistoryFront.owns(inode)
+        if self.policy.refresh_on_open and (not history or inode == SNAPSHOTS_INO):
+            await self.ns.refresh()     # for .snapshots: others' new versions
+        if history:
+            a = await self.history.getattr(inode)
+        else:
+            a = await self.ns.getattr(inode)
         if not a.is_dir:
             raise NotADirectory(f"inode {inode:#x} is not a directory")
         fh = self._new_fh()
@@ -422,13 +467,21 @@ class P2pfsOperations(pyfuse3.Operations):
         d = self._dirs.get(fh)
         if d is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        if start_id == 0 or d.entries is None:
+        history = HistoryFront.owns(d.ino)
+        if start_id == 0 or d.entries is None or (history and
+                                                  d.forgets != self.history.forgets):
             # One listing per pass, served in pieces: a 10,000-entry directory
-            # costs one namespace call, not one per kernel buffer.
-            here = await self.ns.getattr(d.ino)
-            up = await self.ns.lookup(d.ino, b"..")
-            d.entries = [(b".", here, False), (b"..", up, False)] + [
-                (name, a, True) for name, a in await self.ns.readdir(d.ino)]
+            # costs one namespace call, not one per kernel buffer. (A history
+            # listing is taken again if numbers in it may have been dropped.)
+            if history:
+                d.forgets = self.history.forgets
+                d.entries = await self.history.listing(d.ino)
+            else:
+                here = await self.ns.getattr(d.ino)
+                up = await self.ns.lookup(d.ino, b"..")
+                d.entries = [(b".", here, False), (b"..", up, False)] + [
+                    (name, a, True) for name, a in await self.ns.readdir(d.ino)
+                    if not HistoryFront.is_reserved(d.ino, name)]
         entries = d.entries
         for i in range(start_id, len(entries)):
             name, a, counted = entries[i]
@@ -443,7 +496,9 @@ class P2pfsOperations(pyfuse3.Operations):
 
     @fuse_op
     async def fsyncdir(self, fh, datasync):
-        await self.ns.sync()
+        d = self._dirs.get(fh)
+        if d is None or not HistoryFront.owns(d.ino):
+            await self.ns.sync()
 
     # ------------------------------------------------------------------
     # Files
@@ -457,13 +512,30 @@ class P2pfsOperations(pyfuse3.Operations):
 
     @fuse_op
     async def open(self, inode, flags, ctx):
+        if HistoryFront.owns(inode):
+            # A past file never changes under its number: keep the page cache.
+            await self.history.open(inode, writing=(flags & os.O_ACCMODE) != os.O_RDONLY
+                                    or bool(flags & os.O_TRUNC))
+            return pyfuse3.FileInfo(fh=self._opened(inode, flags).fh, keep_cache=True)
         a = await self.ns.open(inode, refresh=self.policy.refresh_on_open)
         keep = self._keep_cache(a)
+        if flags & os.O_TRUNC:
+            # The kernel leaves O_TRUNC to the file system (atomic_o_trunc,
+            # libfuse's default): it only sets its cached size to 0.
+            try:
+                w = self._writes.get(inode)
+                if w is not None:
+                    await self._drain(w)    # earlier writes land before the cut
+                self._note_own_change(await self.ns.setattr(inode, size=0))
+            except BaseException:
+                await self.ns.release(inode)
+                raise
         f = self._opened(inode, flags)
         return pyfuse3.FileInfo(fh=f.fh, keep_cache=keep)
 
     @fuse_op
     async def create(self, parent_inode, name, mode, flags, ctx):
+        HistoryFront.refuse_in(parent_inode, name, "create", creates=True)
         mode, gid = await self._owner(parent_inode, mode, ctx, False)
         a = await self.ns.create(parent_inode, name, mode, ctx.uid, gid,
                                  exclusive=bool(flags & os.O_EXCL))
@@ -477,6 +549,8 @@ class P2pfsOperations(pyfuse3.Operations):
     @fuse_op
     async def read(self, fh, off, size):
         f = self._file(fh)
+        if HistoryFront.owns(f.ino):
+            return await self.history.read(f.ino, off, size)
         w = self._writes.get(f.ino)
         if w is not None and w.pending:
             await self._drain(w)
@@ -523,6 +597,8 @@ class P2pfsOperations(pyfuse3.Operations):
     @fuse_op
     async def write(self, fh, off, buf):
         f = self._file(fh)
+        if HistoryFront.owns(f.ino):
+            raise ReadOnly("write: past versions are read-only")
         w = self._writes.get(f.ino)
         if w is None:
             w = self._writes[f.ino] = _Writes(f.ino)
@@ -640,6 +716,8 @@ class P2pfsOperations(pyfuse3.Operations):
     @fuse_op
     async def fsync(self, fh, datasync):
         f = self._file(fh)
+        if HistoryFront.owns(f.ino):
+            return                  # nothing to make durable
         w = self._writes.get(f.ino)
         if w is not None:
             await self._drain(w)
@@ -664,7 +742,8 @@ class P2pfsOperations(pyfuse3.Operations):
                     w.send.close()
                     await self.ns.release(ino)
                 return
-        await self.ns.release(ino)
+        if not HistoryFront.owns(ino):      # a past file: nothing to publish
+            await self.ns.release(ino)
 
     # ------------------------------------------------------------------
     # File system, permissions, extended attributes
@@ -686,7 +765,12 @@ class P2pfsOperations(pyfuse3.Operations):
     @fuse_op
     async def access(self, inode, mode, ctx):
         # Only called without default_permissions; the same rules as the kernel's.
-        a = await self.ns.getattr(inode)
+        if HistoryFront.owns(inode):
+            a = await self.history.getattr(inode)
+            if mode & os.W_OK:
+                raise ReadOnly("access: past versions are read-only")
+        else:
+            a = await self.ns.getattr(inode)
         if mode == os.F_OK:
             return True
         if ctx.uid == 0:
@@ -699,46 +783,33 @@ class P2pfsOperations(pyfuse3.Operations):
             bits = a.mode & 7
         return (mode & bits) == mode
 
-    def _info(self, inode: int, name: bytes) -> bytes:
-        key = name[len(INFO_PREFIX):]
-        view = self.ns.view
-        if key == b"volume":
-            return view.volume.hex().encode()
-        if key == b"inode":
-            return b"%#x" % inode
-        if key == b"replicas":
-            return b"%d" % self.replicas
-        if key == b"backend":
-            return self.description.encode()
-        if key == b"writer":
-            if inode == ROOT_INO:
-                return b"root"
-            if inode & CONFLICT_BIT:
-                return b"conflict copy"
-            idx = (inode >> INO_SHIFT) - 1
-            if 0 <= idx < len(view.participants):
-                return view.participants[idx].id.hex().encode()
-        raise FsError(errno.ENODATA, f"no attribute {name!r}")
-
     @fuse_op
     async def getxattr(self, inode, name, ctx):
-        if name.startswith(INFO_PREFIX):
+        if HistoryFront.owns(inode):
+            return await self.history.getxattr(inode, name)
+        if is_fact(name):
             await self.ns.getattr(inode)  # the inode must exist
-            return self._info(inode, name)
+            return await self.history.live_fact(inode, name)
         return await self.ns.getxattr(inode, name)
 
     @fuse_op
     async def setxattr(self, inode, name, value, ctx):
-        if name.startswith(INFO_PREFIX):
+        if HistoryFront.owns(inode):
+            raise ReadOnly("setxattr: past versions are read-only")
+        if is_fact(name):
             raise NotPermitted(f"{name!r} is a read-only p2pfs attribute")
         await self.ns.setxattr(inode, name, value)
 
     @fuse_op
     async def listxattr(self, inode, ctx):
+        if HistoryFront.owns(inode):
+            return await self.history.listxattr(inode)
         return await self.ns.listxattr(inode)
 
     @fuse_op
     async def removexattr(self, inode, name, ctx):
-        if name.startswith(INFO_PREFIX):
+        if HistoryFront.owns(inode):
+            raise ReadOnly("removexattr: past versions are read-only")
+        if is_fact(name):
             raise NotPermitted(f"{name!r} is a read-only p2pfs attribute")
         await self.ns.removexattr(inode, name)

@@ -238,6 +238,27 @@ def test_xattrs_and_info_attributes(work):
     assert ei.value.errno == errno.EPERM
 
 
+def test_o_trunc_truncates_in_the_volume(mount):
+    """The kernel leaves O_TRUNC to the file system (atomic_o_trunc): the
+    stored file must be cut, not only the kernel's cached size."""
+    f = mount.mnt / "f"
+    f.write_bytes(os.urandom(300_000))
+    f.write_bytes(b"short")                     # open(O_WRONLY | O_TRUNC)
+    fd = os.open(f, os.O_RDWR | os.O_TRUNC)
+    os.close(fd)
+    (mount.mnt / "g").write_bytes(b"x" * 1000)
+    with open(mount.mnt / "g", "r+b") as fh:    # O_TRUNC with writes pending elsewhere
+        fh.write(b"yyyy")
+        fh.flush()
+        fd = os.open(mount.mnt / "g", os.O_WRONLY | os.O_TRUNC)
+        os.write(fd, b"zz")
+        os.close(fd)
+    assert mount.unmount() == 0
+    mount.start()
+    assert f.stat().st_size == 0 and f.read_bytes() == b""
+    assert (mount.mnt / "g").read_bytes() == b"zz"
+
+
 def test_rename_over_open_file_keeps_old_contents_for_readers(work):
     (work / "target").write_bytes(b"old contents")
     (work / "new").write_bytes(b"new contents")
