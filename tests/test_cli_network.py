@@ -163,6 +163,11 @@ def test_two_users_share_a_volume_through_the_cli(tmp_path):
         human = p2pfs("status", str(vb)).stdout
         assert "4/4 members up" in human and "(owner)" in human
 
+        assert json.loads(p2pfs("conflicts", str(ma), "--json").stdout) == []
+        assert p2pfs("conflicts", str(mb)).stdout.strip() == "no conflicts"
+        r = p2pfs("conflicts", str(base), check=False)
+        assert r.returncode == 1 and "p2pfs mount point" in r.stderr
+
         assert unmount(ma, pa) == 0
         assert unmount(mb, pb) == 0
         assert not is_mounted(ma) and not is_mounted(mb)
