@@ -92,6 +92,22 @@ async def add_writer(volume_dir: Path, public_key: bytes, ticket_out: Path) -> d
             "ticket": str(ticket_out)}
 
 
+async def remove_writer(volume_dir: Path, writer: str) -> dict:
+    """Remove a writer (owner only), named by its id or public key (hex,
+    or a unique prefix of the id of at least 8 digits)."""
+    async with NetworkBackend(volume_dir).connect() as conn:
+        view = await conn.current_view()
+        w = writer.lower()
+        matches = [p for p in view.participants
+                   if p.id.hex().startswith(w) or p.public_key.hex() == w]
+        if len(w) < 8 or len(matches) != 1:
+            raise BackendError(f"{writer!r} names {len(matches)} writers of this volume; give "
+                               f"at least 8 hex digits of one writer's id (p2pfs status lists them)")
+        new = await conn.remove_writer(matches[0].id)
+    p = new.participant(matches[0].id)
+    return {"writer": p.id.hex(), "view_version": new.version, "last_seq": p.removed_at}
+
+
 def join(ticket_path: Path, volume_dir: Path, identity: Identity) -> dict:
     try:
         ticket = json.loads(ticket_path.read_text())

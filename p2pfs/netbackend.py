@@ -53,7 +53,8 @@ from storage.certificate import RingDescriptor
 from storage.errors import StorageError
 from storage.localstore import LocalHeadBoard
 from storage.ring_errors import BadDescriptor, RingError
-from storage.ringboard import RingHeadBoard, fetch_view, publish_view
+from storage.logs import decode_head
+from storage.ringboard import RingHeadBoard, fetch_view, head_aguid, publish_view
 from storage.ringclient import RingClient
 from storage.server import StorageNode
 from storage.volume import View, create_volume
@@ -354,3 +355,31 @@ class Connection:
             raise BackendError(f"the inner ring did not accept the new view: {e}") from None
         self.save_view(new)
         return new
+
+    async def remove_writer(self, writer_id: bytes) -> View:
+        """Remove a writer (owner only): its records up to its newest
+        certified log-head still count; anything it writes later is ignored
+        by every reader. Certified by the ring like any view change."""
+        if self.ring is None:
+            raise BackendError("only a volume with an inner ring has several writers")
+        if self.identity.public_key != self.view.owner:
+            raise BackendError("only the volume's owner removes writers")
+        view = await self.current_view()
+        try:
+            p = view.participant(writer_id)
+        except StorageError:
+            raise BackendError(f"{writer_id.hex()[:16]} is not a writer of this volume") from None
+        if p.public_key == view.owner:
+            raise BackendError("the owner cannot remove itself")
+        try:
+            cert = await self.ring.latest(head_aguid(p.public_key, view.volume))
+            last = 0
+            if cert is not None:
+                last = decode_head(await self.get_raw(cert.vguid)).seq
+            new = view.remove_writer(self.identity, writer_id, last)
+            await publish_view(self.ring, self.put_raw, new)
+        except (RingError, StorageError) as e:
+            raise BackendError(f"the writer was not removed: {e}") from None
+        self.save_view(new)
+        return new
+
