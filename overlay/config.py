@@ -9,6 +9,7 @@ routing turn the periodic tasks off with ``0``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 
@@ -52,9 +53,15 @@ class OverlayConfig:
         """Raise ValueError for settings that cannot work."""
         if self.slot_size < 1 or self.salts < 1 or self.nn_k < 1:
             raise ValueError("slot_size, salts and nn_k must be at least 1")
+        for name in ("republish_interval", "pointer_ttl", "heartbeat_interval", "dead_after",
+                     "repair_interval", "backpointer_ttl"):
+            v = getattr(self, name)
+            # not (v >= 0) also catches NaN, which every comparison would pass over.
+            if not (0 <= v < math.inf):
+                raise ValueError(f"{name} must be a finite number of seconds >= 0, not {v}")
         for name in ("hop_timeout", "rpc_timeout", "route_timeout", "join_timeout"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
+            if not (0 < getattr(self, name) < math.inf):
+                raise ValueError(f"{name} must be positive and finite")
         if self.republish_interval and self.pointer_ttl <= self.republish_interval:
             raise ValueError("pointer_ttl must exceed republish_interval, or pointers "
                              "expire between republishes")

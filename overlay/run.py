@@ -195,4 +195,21 @@ def main(argv: list[str] | None = None, prog: str = "python -m overlay") -> int:
         return EXIT_USAGE
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return trio.run(run_node, opts)
+    return run_reporting_bind_errors(prog, opts, run_node, opts)
+
+
+def run_reporting_bind_errors(prog: str, opts: NodeOptions, fn, *args) -> int:
+    """``trio.run(fn, *args)``; a listen address that cannot be bound (in
+    use, not ours) is one line and exit code 4, not a traceback."""
+    try:
+        return trio.run(fn, *args)
+    except BaseExceptionGroup as group:
+        inner = group
+        while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+            inner = inner.exceptions[0]
+        if isinstance(inner, OSError):
+            host, port = opts.listen
+            print(f"{prog}: error: cannot listen on {host}:{port}: {inner.strerror or inner}",
+                  file=sys.stderr)
+            return EXIT_IDENTITY
+        raise

@@ -113,6 +113,8 @@ def join(ticket_path: Path, volume_dir: Path, identity: Identity) -> dict:
         ticket = json.loads(ticket_path.read_text())
     except (OSError, ValueError) as e:
         raise BackendError(f"cannot read the ticket {ticket_path}: {e}") from None
+    if not isinstance(ticket, dict):
+        raise BackendError(f"bad ticket {ticket_path}: not a JSON object")
     view = join_network(volume_dir, ticket, identity)
     return {"volume": view.name, "writers": len(view.active_ids()), "dir": str(volume_dir)}
 

@@ -9,6 +9,10 @@ Exit codes:
     1  the operation failed (a clear message says why)
     2  bad command-line usage
   130  interrupted (Ctrl-C)
+
+``p2pfs fsck`` has its own, for scripts (``p2pfs.fsck``): 0 clean, 1 every
+problem found was repaired, 2 problems are left, 4 the volume could not be
+checked.
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ def _backend_for(volume_dir: str):
         if not Path(volume_dir).exists():
             raise CliError(f"{volume_dir}: no such volume directory (create one with p2pfs mkfs)")
         raise CliError(f"{volume_dir} is not a p2pfs volume (no readable FORMAT file)")
+    if not isinstance(fmt, dict):
+        raise CliError(f"{volume_dir} is not a p2pfs volume (its FORMAT file is not a JSON object)")
     return NetworkBackend(volume_dir) if fmt.get("kind") == "network" else LocalBackend(volume_dir)
 
 
@@ -127,6 +133,17 @@ def cmd_add_writer(args) -> int:
     out = trio.run(add_writer, Path(args.volume_dir), key, Path(args.ticket))
     print(f"added writer {out['writer'][:16]} (view version {out['view_version']}); give it "
           f"{out['ticket']} and let it run: p2pfs join {out['ticket']} VOLUME_DIR")
+    return EXIT_OK
+
+
+def cmd_remove_writer(args) -> int:
+    import trio
+
+    from .admin import remove_writer
+
+    out = trio.run(remove_writer, Path(args.volume_dir), args.writer)
+    print(f"removed writer {out['writer'][:16]} (view version {out['view_version']}); its "
+          f"records up to seq {out['last_seq']} still count, later ones are ignored")
     return EXIT_OK
 
 
@@ -233,6 +250,19 @@ def cmd_demo(args) -> int:
         raise CliError(str(e)) from None
 
 
+def cmd_fsck(args) -> int:
+    from .fsck import run
+
+    return run(args.volume_dir, do_repair=args.repair, as_json=args.json,
+               verify_data=not args.quick, quiet=args.quiet)
+
+
+def cmd_inspect(args) -> int:
+    from .inspect import run
+
+    return run(args.what, args, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="p2pfs",
@@ -285,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ticket", required=True, help="write the join ticket here")
     s.set_defaults(func=cmd_add_writer)
 
+    s = sub.add_parser("remove-writer", help="stop accepting a writer's changes (owner only)")
+    s.add_argument("volume_dir")
+    s.add_argument("writer", help="the writer's id (8+ hex digits, from p2pfs status) or key")
+    s.set_defaults(func=cmd_remove_writer)
+
     s = sub.add_parser("join", help="set up this user's directory for a volume it was added to")
     s.add_argument("ticket", help="the ticket from p2pfs add-writer")
     s.add_argument("volume_dir", help="an empty or missing directory")
@@ -300,6 +335,47 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("mountpoint")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_conflicts)
+
+    s = sub.add_parser(
+        "fsck", help="check a volume (and --repair it)",
+        description="Check everything reachable from a volume's view: certificates, log-heads, "
+                    "logs, snapshots and every block's copies. Exit codes: 0 clean, 1 every "
+                    "problem was repaired, 2 problems are left, 4 the volume could not be "
+                    "checked.")
+    s.add_argument("volume_dir")
+    s.add_argument("--repair", action="store_true",
+                   help="restore missing copies, fix stale certificates, rebuild snapshots "
+                        "from the logs, quarantine what cannot be trusted (deletes nothing)")
+    s.add_argument("--quick", action="store_true",
+                   help="trust holders that say they hold a block (do not fetch and hash "
+                        "every copy)")
+    s.add_argument("--json", action="store_true", help="the report as one JSON object")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    s.set_defaults(func=cmd_fsck)
+
+    s = sub.add_parser("inspect", help="look inside a node or a volume (read-only)")
+    isub = s.add_subparsers(dest="what", metavar="WHAT", required=True)
+    i = isub.add_parser("node", help="a node's routing table, pointers and store")
+    i.add_argument("target", help="the node's data directory or control socket")
+    i = isub.add_parser("volume", help="the view, ring members and health, writers' heads")
+    i.add_argument("volume")
+    i = isub.add_parser("object", help="each ring member's certificate of an object")
+    i.add_argument("volume")
+    i.add_argument("object", help="'view', a writer id (prefix) for its log-head, or an AGUID")
+    i = isub.add_parser("log", help="a writer's log records, decoded")
+    i.add_argument("volume")
+    i.add_argument("writer", help="the writer's id (or a prefix of it)")
+    i.add_argument("--from", dest="start", type=int, default=1, help="first seq (default 1)")
+    i.add_argument("--limit", type=int, default=100, help="records at most (default 100)")
+    i = isub.add_parser("block", help="a block's holders, their copies, and its content")
+    i.add_argument("volume")
+    i.add_argument("bguid")
+    i = isub.add_parser("file", help="a file's extents and each block's holders")
+    i.add_argument("volume")
+    i.add_argument("path", help="the file's path inside the volume (/dir/name)")
+    for i in isub.choices.values():
+        i.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("mount", help="mount a volume (foreground; Ctrl-C or p2pfs umount to stop)")
     s.add_argument("volume_dir")
@@ -374,7 +450,15 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from .demo import DemoError
     from .mount import MountError
 
-    return (CliError, BackendError, MountError, DemoError, StorageError)
+    # OSError: the environment refused (a path that is a file, no space,
+    # no permission); the message names the path.
+    return (CliError, BackendError, MountError, DemoError, StorageError, OSError, _ring_error())
+
+
+def _ring_error() -> type[BaseException]:
+    from storage.ring_errors import RingError
+
+    return RingError
 
 
 if __name__ == "__main__":

@@ -387,9 +387,14 @@ class RingDescriptor:
                              for m in j["members"]),
                        tuple(bytes.fromhex(c) for c in j.get("creators", ())),
                        None if j.get("sig") is None else bytes.fromhex(j["sig"]))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise BadDescriptor(f"not a ring descriptor in JSON: {e}") from None
-        return cls.decode(desc.encode())  # one set of checks for both forms
+            raw = desc.encode()
+        # OverflowError: Infinity, or an integer past 64 bits (msgpack);
+        # RecursionError: nesting deeper than the JSON parser goes.
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError,
+                RecursionError) as e:
+            raise BadDescriptor(f"not a ring descriptor in JSON: {type(e).__name__}: "
+                                f"{e}"[:300]) from None
+        return cls.decode(raw)  # one set of checks for both forms
 
     # -- checks ----------------------------------------------------------------------
 

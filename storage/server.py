@@ -294,7 +294,7 @@ def _size(s: str) -> int:
     num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
     try:
         n = int(float(num) * units[unit])
-    except ValueError:
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"not a size: {s!r} (e.g. 512M, 2G)") from None
     if n <= 0:
         raise argparse.ArgumentTypeError("a size must be positive")
@@ -411,4 +411,4 @@ def main(argv: list[str] | None = None, prog: str = "python -m storage") -> int:
         return overlay_run.EXIT_USAGE
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return trio.run(run_storage_node, opts, args)
+    return overlay_run.run_reporting_bind_errors(prog, opts, run_storage_node, opts, args)

@@ -93,10 +93,28 @@ def _vv_list(vv: VV) -> list:
 
 
 def _vv(x) -> VV:
+    # Writer ids must already be bytes: bytes(n) of an int n would allocate n bytes.
     try:
-        return VV({bytes(w): s for w, s in x})
+        if any(type(w) is not bytes for w, _ in x):
+            raise SnapshotError("bad version vector in snapshot")
+        return VV({w: s for w, s in x})
     except Exception:
         raise SnapshotError("bad version vector in snapshot") from None
+
+
+def _ref(x, *, nullable: bool = False) -> bytes | None:
+    """A BGUID read from a snapshot block: 32 bytes (or None if allowed)."""
+    if (x is None and nullable) or (type(x) is bytes and len(x) == 32):
+        return x
+    raise SnapshotError("bad block reference in snapshot")
+
+
+def _b(x) -> bytes:
+    """A byte string read from a snapshot block (``bytes(x)`` would accept an
+    int n and allocate n zero bytes)."""
+    if type(x) is not bytes:
+        raise SnapshotError(f"expected bytes in snapshot, got {type(x).__name__}")
+    return x
 
 
 def _dot(x) -> Dot | None:
@@ -250,6 +268,7 @@ async def _get(blocks: BlockAccess, g: bytes) -> dict:
 async def _get_list(blocks: BlockAccess, refs) -> list:
     if type(refs) is not list:
         raise SnapshotError("bad chunk list")
+    refs = [_ref(g) for g in refs]
     raws = await blocks.get_many([(g, Kind.SNAPSHOT) for g in refs])
     out = []
     for raw in raws:
@@ -268,14 +287,15 @@ async def load_info(blocks: BlockAccess, root: bytes, volume: bytes) -> Snapshot
             raise SnapshotError("snapshot of another volume")
         key = d["key"]
         if key is not None:
-            key = (int(key[0]), bytes(key[1]), int(key[2]))
-        pos = {bytes(w): (int(s), b, _vv(v)) for w, s, b, v in d["pos"]}
-        prepares = {(int(dd), bytes(n)): {bytes(w): (int(s), int(t)) for w, s, t in ws}
+            key = (int(key[0]), _b(key[1]), int(key[2]))
+        pos = {_ref(w): (int(s), _ref(b, nullable=True), _vv(v)) for w, s, b, v in d["pos"]}
+        prepares = {(int(dd), _b(n)): {_b(w): (int(s), int(t)) for w, s, t in ws}
                     for dd, n, ws in d["prep"]}
         conflicts = [Conflict(k, di, n, cn, i, ci, _dot(wi), _dot(lo))
                      for k, di, n, cn, i, ci, wi, lo in await _get_list(blocks, d["conf"])]
-        return SnapshotInfo(root, bytes(d["w"]), int(d["t"]), _vv(d["cover"]), key, pos,
-                            d["prev"], list(d["idx"]), {int(k): int(v) for k, v in d["hwm"]},
+        return SnapshotInfo(root, _b(d["w"]), int(d["t"]), _vv(d["cover"]), key, pos,
+                            _ref(d["prev"], nullable=True), [_ref(g) for g in d["idx"]],
+                            {int(k): int(v) for k, v in d["hwm"]},
                             prepares, conflicts)
     except SnapshotError:
         raise
@@ -287,7 +307,7 @@ async def load_state(blocks: BlockAccess, info: SnapshotInfo) -> FsState:
     """The FsState a snapshot holds (its pages fetched, checked, linked)."""
     index = await _get_list(blocks, info.index)
     try:
-        info.pages = {int(p): bytes(g) for p, g in index}
+        info.pages = {int(p): _ref(g) for p, g in index}
     except Exception:
         raise SnapshotError("bad page index") from None
     pages = sorted(info.pages.items())
@@ -322,7 +342,7 @@ async def _inode_in(blocks: BlockAccess, e: dict) -> Inode:
     ft = FileType(e["ft"])
     n = Inode(int(e["i"]), ft, int(e["m"]) & 0o7777, int(e["u"]), int(e["g"]), int(e["at"]),
               int(e["mt"]), int(e["ct"]), size=int(e["sz"]), target=e["tg"],
-              xattrs={bytes(k): bytes(v) for k, v in e["x"]}, parent=int(e["p"]))
+              xattrs={_b(k): _b(v) for k, v in e["x"]}, parent=int(e["p"]))
     if not 0 <= n.size <= MAX_FILE_SIZE:
         raise SnapshotError("bad size")
     if (ft == FileType.LNK) != (type(n.target) is bytes):

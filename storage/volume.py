@@ -49,6 +49,7 @@ VIEW_VERSION = 1
 VIEW_CONTEXT = b"p2pfs view v1\0"
 KEY_BYTES = 32
 WRAPPED_BYTES = 32 + KEY_BYTES + 16
+MAX_VOLUME_NAME = 255
 _P = 2**255 - 19
 _WRAP_INFO = b"p2pfs volume key wrap v1"
 
@@ -146,7 +147,8 @@ _PART = frames.Struct({
     "rm": frames.Nullable(frames.Int(0, MAX_SEQ)),
 })
 _VIEW = frames.Struct({
-    "v": frames.Int(VIEW_VERSION, VIEW_VERSION), "vol": frames.GUID, "name": frames.Str(255),
+    "v": frames.Int(VIEW_VERSION, VIEW_VERSION), "vol": frames.GUID,
+    "name": frames.Str(MAX_VOLUME_NAME),
     "owner": frames.PUBKEY, "ver": frames.Int(1, MAX_SEQ),
     "ring": frames.ListOf(frames.GUID, max=64), "parts": frames.ListOf(_PART, max=4096),
     "sig": frames.SIG,
@@ -298,6 +300,8 @@ def volume_id(owner_public_key: bytes, name: str) -> bytes:
 def create_volume(owner: Identity, name: str, *, ring: list[bytes] = (),
                   volume_key: bytes | None = None) -> tuple[View, bytes]:
     """A new volume with ``owner`` as its first writer; returns (view, key)."""
+    if len(name) > MAX_VOLUME_NAME:   # else no reader could decode the view (_VIEW)
+        raise BadView(f"a volume name is at most {MAX_VOLUME_NAME} characters")
     key = volume_key if volume_key is not None else os.urandom(KEY_BYTES)
     if len(key) != KEY_BYTES:
         raise ValueError("a volume key is 32 bytes")

@@ -10,6 +10,7 @@ stopped by PID; mounts are unmounted at teardown."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -167,6 +168,26 @@ def test_two_users_share_a_volume_through_the_cli(tmp_path):
         assert p2pfs("conflicts", str(mb)).stdout.strip() == "no conflicts"
         r = p2pfs("conflicts", str(base), check=False)
         assert r.returncode == 1 and "p2pfs mount point" in r.stderr
+
+        writer_id = next(w["id"] for w in st["writers"] if not w["owner"])
+        out = p2pfs("remove-writer", str(va), writer_id[:12], home=owner_home).stdout
+        assert "removed writer" in out
+        deadline = time.monotonic() + 30           # the mounts adopt the new view
+        while True:
+            try:
+                (mb / "late.txt").write_text("after removal\n")
+            except OSError as e:
+                # ENOENT: written just before the mount adopted the view,
+                # then dropped with the records past the writer's last seq.
+                assert e.errno in (errno.EROFS, errno.ENOENT), e
+                if e.errno == errno.EROFS:
+                    break
+            assert time.monotonic() < deadline, "the removed writer can still write"
+            time.sleep(0.5)
+        assert (mb / "plan.txt").read_text().startswith("owner's plan")   # still readable
+        assert not (ma / "late.txt").exists()      # records after its last counted seq: ignored
+        st = json.loads(p2pfs("status", str(va), "--json").stdout)
+        assert [w["active"] for w in st["writers"]] == [True, False]
 
         assert unmount(ma, pa) == 0
         assert unmount(mb, pb) == 0
