@@ -1,16 +1,25 @@
 """Inner ring benchmark: certified updates per second and latency (p50,
-p99) of 4 real member processes on loopback (TLS, LMDB with fsync), with one
-client alone and with 8 concurrent clients (issue 5 target: >= 200 updates/s
-and p50 <= 10 ms).
+p99) of 4 real member processes on loopback (TLS, LMDB with fsync of the
+executed state), with one client alone and with 8 concurrent clients (issue
+5 target: >= 200 updates/s and p50 <= 10 ms).
 
     .venv/bin/python bench/ring_bench.py [--updates 400] [--seconds 10] [--clients 8]
-                                         [--no-sync] [--profile] [--out bench/results]
+        [--no-sync] [--no-tentative] [--commit-delay S] [--pipeline N] [--batch N]
+        [--profile] [--before RING.JSON --before-label TEXT] [--tag T]
+        [--out bench/results]
 
 Each client updates its own object with a compare-and-swap predicate
 (expect_seq), waits for the 2f+1-signed certificate, verifies it, and goes
-on; latency is from request to verified certificate. Writes ``ring.json``
-(all numbers and the machine), ``ring.md`` (a table) and, with --profile,
-``ring.profile.txt`` (pyinstrument of the primary member during the run);
+on; latency is from request to verified certificate. For each scenario the
+benchmark reports the CPU time (user + system) every process spent per
+update, far less sensitive than wall-clock time to other load on the
+machine, and the protocol round trips per update (client requests plus
+member-to-member frames; the reply of a frame is part of its round trip).
+With ``--profile`` a second, shorter pass runs the primary and one backup
+under cProfile (CPU time) and breaks their CPU down by category;
+``--before`` shows an earlier run's ring.json next to this one.
+
+Writes ``ring.json`` (all numbers and the machine) and ``ring.md`` (tables);
 ``--tag T`` names a variant's files ``ring.T.json`` and ``ring.T.md``.
 """
 
@@ -20,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import pstats
 import statistics
 import sys
 import tempfile
@@ -36,6 +46,8 @@ from overlay.wire.transport import Peer  # noqa: E402
 from storage.ring import STATUS  # noqa: E402
 from storage.ring_local import LocalRing  # noqa: E402
 from storage.ringclient import RingClient  # noqa: E402
+
+PROFILED = (0, 1)        # the primary of view 0 and one backup
 
 
 def machine() -> dict:
@@ -63,13 +75,14 @@ def pct(xs: list[float], p: float) -> float:
 
 
 async def one_client(lr: LocalRing, ident: Identity, name: bytes, lat: list[float],
-                     stop_after: float | None, count: int | None, started: trio.Event):
-    lr.ring  # noqa: B018
+                     stop_after: float | None, count: int | None, started: trio.Event,
+                     reqs: list[int]):
     async with TlsTransport(ident) as t:
         c = RingClient(t, lr.ring, ident, attempt_timeout=5.0, deadline=30.0)
         cert = await c.create(name, b"\x00" * 32)
         cert = await c.update(cert.aguid, b"\x01" * 32, expect_seq=cert.seq)   # warm
         await started.wait()
+        sent0 = t.stats.sent["pbft.req"]
         k = 0
         end = None if stop_after is None else trio.current_time() + stop_after
         while (count is None or k < count) and (end is None or trio.current_time() < end):
@@ -77,118 +90,227 @@ async def one_client(lr: LocalRing, ident: Identity, name: bytes, lat: list[floa
             t0 = time.perf_counter()
             cert = await c.update(cert.aguid, k.to_bytes(32, "big"), expect_seq=cert.seq)
             lat.append((time.perf_counter() - t0) * 1000)
+        reqs.append(t.stats.sent["pbft.req"] - sent0)
 
 
-async def member_stats(lr: LocalRing) -> dict:
-    """Execution counters of member 1 (``ring.status``)."""
-    m = lr.ring.members[1]
+async def member_stats(lr: LocalRing) -> list[dict]:
+    """``ring.status`` counters of every member."""
+    out = []
     async with TlsTransport(lr.owner) as t:
-        r = await t.request(Peer(m.id, m.addr), STATUS, {}, timeout=10.0)
-    return r["stats"]
+        for m in lr.ring.members:
+            r = await t.request(Peer(m.id, m.addr), STATUS, {}, timeout=10.0)
+            out.append(r["stats"])
+    return out
 
 
 async def run_scenario(lr, clients: int, count: int | None, seconds: float | None) -> dict:
     lat: list[float] = []
+    reqs: list[int] = []
     started = trio.Event()
     idents = [Identity.generate() for _ in range(clients)]
     t_start = [0.0]
-
     cpu0: list[float] = []
-    st0 = await member_stats(lr)
 
     async def go():
         await trio.sleep(1.0)          # every client connected and warmed up
+        st0.extend(await member_stats(lr))
         cpu0.extend([cpu_seconds(lr.pid(k)) for k in range(len(lr.ids))] + [time.process_time()])
         t_start[0] = time.perf_counter()
         started.set()
 
+    st0: list[dict] = []
     async with trio.open_nursery() as n:
         n.start_soon(go)
         for k, ident in enumerate(idents):
-            n.start_soon(one_client, lr, ident, b"bench%d" % k, lat, seconds, count, started)
+            n.start_soon(one_client, lr, ident, b"bench%d" % k, lat, seconds, count, started,
+                         reqs)
     wall = time.perf_counter() - t_start[0]
-    st = await member_stats(lr)
     cpu1 = [cpu_seconds(lr.pid(k)) for k in range(len(lr.ids))] + [time.process_time()]
-    members_cpu = sum(cpu1[:-1]) - sum(cpu0[:-1])
-    client_cpu = cpu1[-1] - cpu0[-1]
-    per_update = (members_cpu + client_cpu) / len(lat) * 1000
-    batches = st["batches"] - st0["batches"]
-    return {"clients": clients, "updates": len(lat), "seconds": round(wall, 3),
-            "requests_per_batch": round((st["executed"] - st0["executed"]) / max(batches, 1), 2),
-            "cpu_ms_per_update": round(per_update, 2),
-            "members_cpu_ms_per_update": round(members_cpu / len(lat) * 1000, 2),
-            "client_cpu_ms_per_update": round(client_cpu / len(lat) * 1000, 2),
-            "cpu_bound_updates_per_s": round((os.cpu_count() or 1) * 1000 / per_update, 1),
-            "updates_per_s": round(len(lat) / wall, 1),
+    st1 = await member_stats(lr)
+    u = len(lat)
+    per = [(b - a) / u * 1000 for a, b in zip(cpu0, cpu1)]
+    members_cpu, client_cpu = sum(per[:-1]), per[-1]
+    batches = st1[1]["batches"] - st0[1]["batches"]
+    frames = sum(b["frames_sent"] - a["frames_sent"] for a, b in zip(st0, st1))
+    return {"clients": clients, "updates": u, "seconds": round(wall, 3),
+            "updates_per_s": round(u / wall, 1),
             "p50_ms": round(statistics.median(lat), 2), "p99_ms": round(pct(lat, 99), 2),
-            "mean_ms": round(statistics.fmean(lat), 2), "max_ms": round(max(lat), 2)}
+            "mean_ms": round(statistics.fmean(lat), 2), "max_ms": round(max(lat), 2),
+            "requests_per_batch": round((st1[1]["executed"] - st0[1]["executed"])
+                                        / max(batches, 1), 2),
+            "client_requests_per_update": round(sum(reqs) / u, 2),
+            "member_round_trips_per_update": round(frames / u, 2),
+            "cpu_ms_per_update": round(members_cpu + client_cpu, 2),
+            "members_cpu_ms_per_update": round(members_cpu, 2),
+            "client_cpu_ms_per_update": round(client_cpu, 2),
+            "cpu_ms_per_update_by_process": {
+                "primary": round(per[0], 2),
+                "backup (mean)": round(statistics.fmean(per[1:-1]), 2),
+                "client": round(client_cpu, 2)},
+            "cpu_bound_updates_per_s": round((os.cpu_count() or 1) * 1000
+                                             / (members_cpu + client_cpu), 1)}
+
+
+# ---- CPU profile categories -------------------------------------------------------------
+
+CATEGORIES = [
+    ("Ed25519 sign/verify", lambda f, fn: "ed25519" in fn.lower()),
+    ("LMDB (commit, fsync)", lambda f, fn: "Transaction" in fn or "Environment" in fn
+     or "lmdb" in f),
+    ("TLS records (OpenSSL, TLS stream)", lambda f, fn: "_ssl." in fn or f.endswith("_ssl.py")
+     or f.endswith("tls_stream.py")),
+    ("socket and epoll system calls", lambda f, fn: "_socket.socket" in fn or "epoll" in fn),
+    ("msgpack and frame schema checks", lambda f, fn: "msgpack" in f or "msgpack" in fn
+     or f.endswith("wire/frames.py")),
+    ("transport (tls.py, transport.py)", lambda f, fn: f.endswith("wire/tls.py")
+     or f.endswith("wire/transport.py")),
+    ("trio (scheduler, tasks, channels)", lambda f, fn: "/trio/" in f or "/outcome/" in f),
+    ("ring protocol (storage/)", lambda f, fn: "/storage/" in f),
+]
+
+
+def _category(f: str, fn: str) -> str | None:
+    return next((c for c, match in CATEGORIES if match(f, fn)), None)
+
+
+def profile_breakdown(path: Path, updates: int) -> dict:
+    """CPU ms per update of one profiled member, by category (self time).
+    Builtins and standard library functions that fit no category count for
+    their callers' categories, in proportion to the time spent under each."""
+    st = pstats.Stats(str(path))
+    cats: dict[str, float] = {}
+    total = 0.0
+    for (f, _line, fn), (_cc, _nc, tt, _ct, callers) in st.stats.items():
+        total += tt
+        name = _category(f, fn)
+        if name is not None:
+            cats[name] = cats.get(name, 0.0) + tt
+            continue
+        shares = {}
+        for (cf, _cl, cfn), (_c1, _c2, _ctt, cct) in callers.items():
+            c = _category(cf, cfn) or "other"
+            shares[c] = shares.get(c, 0.0) + cct
+        whole = sum(shares.values())
+        if whole <= 0:
+            cats["other"] = cats.get("other", 0.0) + tt
+            continue
+        for c, w in shares.items():
+            cats[c] = cats.get(c, 0.0) + tt * w / whole
+    scale = 1000 / max(updates, 1)
+    return {"total_ms_per_update": round(total * scale, 2),
+            "by_category_ms": {c: round(t * scale, 3) for c, t in
+                               sorted(cats.items(), key=lambda x: -x[1])}}
+
+
+async def profile_pass(lr: LocalRing, d: Path, args) -> dict:
+    """Run members 0 and 1 under cProfile for a lone client and for the
+    concurrent clients; the profile covers both."""
+    for k in PROFILED:
+        lr.stop(k)
+        lr.spawn(k, ["--cpu-profile", str(d / f"cpu{k}.prof")])
+        await lr.wait_ready(k)
+    await trio.sleep(1.0)
+    a = await run_scenario(lr, 1, max(args.updates // 2, 50), None)
+    b = await run_scenario(lr, args.clients, None, max(args.seconds / 2, 3.0))
+    for k in PROFILED:
+        lr.stop(k, timeout=120)
+    u = a["updates"] + b["updates"]
+    return {"updates": u, "note": "cProfile (CPU clock) roughly doubles the cost of Python "
+            "code; shares between categories are what to read",
+            "members": {("primary" if k == 0 else "backup"): profile_breakdown(
+                d / f"cpu{k}.prof", u) for k in PROFILED}}
 
 
 async def main(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    member_args = ["--checkpoint", "128", "--pipeline", str(args.pipeline), "--batch",
+                   str(args.batch), "--commit-delay", str(args.commit_delay)] + \
+        (["--no-sync"] if args.no_sync else []) + \
+        (["--no-tentative"] if args.no_tentative else [])
     results = {"machine": machine(), "config": {
-        "members": 4, "f": 1, "transport": "TLS 1.3 over loopback", "fsync": not args.no_sync,
-        "commit": "worker thread" if args.commit_thread else "inline",
-        "pipeline": args.pipeline,
-        "checkpoint_interval": 128, "batch_max": 64}, "scenarios": []}
+        "members": 4, "f": 1, "transport": "TLS 1.3 over loopback",
+        "fsync": "executed state before results leave" if not args.no_sync else "none",
+        "tentative_execution": not args.no_tentative, "commit_delay_s": args.commit_delay,
+        "pipeline": args.pipeline, "batch_max": args.batch, "checkpoint_interval": 128,
+        "member_args": member_args}, "scenarios": []}
     with tempfile.TemporaryDirectory() as d:
-        member_args = ["--checkpoint", "128", "--pipeline", str(args.pipeline)] + \
-            (["--no-sync"] if args.no_sync else []) + \
-            (["--commit-thread"] if args.commit_thread else [])
         lr = LocalRing(d, args=member_args)
-        prof = Path(d) / "profile.txt"
         try:
             await lr.start()
-            if args.profile:               # restart the primary under the profiler
-                lr.stop(0)
-                lr.spawn(0, ["--profile", str(prof)])
-                await lr.wait_ready(0)
             results["scenarios"].append(await run_scenario(lr, 1, args.updates, None))
-            print(json.dumps(results["scenarios"][-1]))
+            print(json.dumps(results["scenarios"][-1]), flush=True)
             results["scenarios"].append(await run_scenario(lr, args.clients, None, args.seconds))
-            print(json.dumps(results["scenarios"][-1]))
-        finally:
+            print(json.dumps(results["scenarios"][-1]), flush=True)
+            results["machine"]["loadavg_end"] = os.getloadavg()
             if args.profile:
-                lr.stop(0, timeout=300)    # writing the profile takes a while
+                results["profile"] = await profile_pass(lr, Path(d), args)
+        finally:
             lr.close()
-        if args.profile and prof.exists():
-            (out / "ring.profile.txt").write_text(prof.read_text())
-            results["profiled"] = True
-    results["machine"]["loadavg_end"] = os.getloadavg()
     return results
 
 
 def write(results: dict, out: Path, tag: str = "") -> None:
     stem = "ring" + (f".{tag}" if tag else "")
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    m = results["machine"]
+    m, cfg = results["machine"], results["config"]
     lines = [
         "# Inner ring benchmark (bench/ring_bench.py)", "",
-        f"4 ring members (f=1) as separate processes, TLS over loopback, LMDB "
-        f"{'with' if results['config']['fsync'] else 'without'} fsync; each client updates "
-        f"its own object with a compare-and-swap predicate and waits for the verified "
-        f"2f+1-signed certificate.", "",
+        f"4 ring members (f=1) as separate processes, TLS over loopback; fsync: {cfg['fsync']}; "
+        f"tentative execution {'on' if cfg['tentative_execution'] else 'off'}; "
+        f"member arguments `{' '.join(cfg['member_args'])}`. Each client updates its own "
+        f"object with a compare-and-swap predicate and waits for the verified 2f+1-signed "
+        f"certificate.", ""]
+    if results.get("command"):
+        lines += [f"Command: `{results['command']}`", ""]
+    lines += [
         f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, "
-        f"load average at start {m['loadavg_start'][0]:.2f}, at end {m['loadavg_end'][0]:.2f}.",
-        "", "| clients | updates | updates/s | p50 ms | p99 ms | mean ms | CPU ms/update "
-        "(members + client) | CPU-bound ceiling, updates/s |",
-        "|---|---|---|---|---|---|---|---|"]
+        f"load average at start {m['loadavg_start'][0]:.2f}, at end "
+        f"{m['loadavg_end'][0]:.2f}. The machine is shared with other engineers' runs: "
+        f"wall-clock figures move a lot with their load, CPU time per update much less "
+        f"(but it too grows on busy cores).", "",
+        "| clients | updates | updates/s | p50 ms | p99 ms | requests/batch | round trips/update "
+        "(client + members) | CPU ms/update: primary, backup, client, total | CPU-bound "
+        "ceiling, updates/s |",
+        "|---|---|---|---|---|---|---|---|---|"]
     for s in results["scenarios"]:
-        lines.append(f"| {s['clients']} | {s['updates']} | {s['updates_per_s']} | "
-                     f"{s['p50_ms']} | {s['p99_ms']} | {s['mean_ms']} | "
-                     f"{s['cpu_ms_per_update']} ({s['members_cpu_ms_per_update']} + "
-                     f"{s['client_cpu_ms_per_update']}) | {s['cpu_bound_updates_per_s']} |")
-    lines += ["", "CPU ms/update is user+system time of the 4 member processes and the client "
-              "process per certified update; it does not depend on other load, and "
-              f"{m['cores']} cores / it is the ceiling on an otherwise idle machine."]
-    lines += ["", "Target (issue 5): >= 200 updates/s and p50 <= 10 ms.", ""]
-    prof = out / "ring.profile.txt"
-    if results.get("profiled") and prof.exists():
-        top = [ln for ln in prof.read_text().splitlines() if ln.strip()][:40]
-        lines += ["## Profile of the primary member (pyinstrument, wall clock)", "",
-                  "Whole run, both scenarios; `ring.profile.txt` has the full tree.", "",
-                  "```"] + top + ["```", ""]
+        p = s["cpu_ms_per_update_by_process"]
+        lines.append(
+            f"| {s['clients']} | {s['updates']} | {s['updates_per_s']} | {s['p50_ms']} | "
+            f"{s['p99_ms']} | {s['requests_per_batch']} | {s['client_requests_per_update']} + "
+            f"{s['member_round_trips_per_update']} | {p['primary']}, {p['backup (mean)']}, "
+            f"{p['client']}, {s['cpu_ms_per_update']} | {s['cpu_bound_updates_per_s']} |")
+    before = results.get("before")
+    if before:
+        bm = before["machine"]
+        lines += ["", f"Before ({before.get('label', 'an earlier run')}; load average "
+                  f"{bm['loadavg_start'][0]:.2f} at start):", "",
+                  "| clients | updates/s | p50 ms | p99 ms | requests/batch | CPU ms/update, total "
+                  "(members + client) |", "|---|---|---|---|---|---|"]
+        for s in before["scenarios"]:
+            lines.append(f"| {s['clients']} | {s['updates_per_s']} | {s['p50_ms']} | "
+                         f"{s['p99_ms']} | {s['requests_per_batch']} | {s['cpu_ms_per_update']} "
+                         f"({s['members_cpu_ms_per_update']} + "
+                         f"{s['client_cpu_ms_per_update']}) |")
+    lines += ["", "CPU ms/update is user+system time per certified update (all 3 backups are "
+              "in the total; the backup column is one of them). The ceiling is "
+              f"{m['cores']} cores / total CPU per update, on an otherwise idle machine.", "",
+              "Target (issue 5): >= 200 updates/s and p50 <= 10 ms.", ""]
+    prof = results.get("profile")
+    if prof:
+        lines += ["## Where a member's CPU goes (cProfile, CPU clock, self time)", "",
+                  f"Both scenarios again ({prof['updates']} updates) with the primary and one "
+                  f"backup profiled; {prof['note']}.", "",
+                  "| category | primary ms/update | backup ms/update |", "|---|---|---|"]
+        pm, bm = prof["members"]["primary"], prof["members"]["backup"]
+        cats = list(pm["by_category_ms"])
+        cats += [c for c in bm["by_category_ms"] if c not in cats]
+        for c in cats:
+            lines.append(f"| {c} | {pm['by_category_ms'].get(c, 0)} | "
+                         f"{bm['by_category_ms'].get(c, 0)} |")
+        lines.append(f"| total (profiled) | {pm['total_ms_per_update']} | "
+                     f"{bm['total_ms_per_update']} |")
+        lines.append("")
     (out / f"{stem}.md").write_text("\n".join(lines))
 
 
@@ -197,14 +319,23 @@ if __name__ == "__main__":
     ap.add_argument("--updates", type=int, default=400, help="updates of the lone client")
     ap.add_argument("--seconds", type=float, default=10.0, help="length of the concurrent run")
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--no-sync", action="store_true")
-    ap.add_argument("--commit-thread", action="store_true",
-                    help="members commit LMDB in a worker thread")
+    ap.add_argument("--no-sync", action="store_true", help="members never fsync (unsafe)")
+    ap.add_argument("--no-tentative", action="store_true",
+                    help="members execute only decided batches")
+    ap.add_argument("--commit-delay", type=float, default=0.05)
     ap.add_argument("--pipeline", type=int, default=2, help="batches in flight at the primary")
-    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--batch", type=int, default=64, help="requests per batch at most")
+    ap.add_argument("--profile", action="store_true", help="add a CPU profile pass")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--tag", default="", help="name a variant: ring.TAG.json, ring.TAG.md")
+    ap.add_argument("--before", type=Path, help="a ring.json of an earlier run to show too")
+    ap.add_argument("--before-label", default="", help="what the earlier run was")
     a = ap.parse_args()
     res = trio.run(main, a)
+    res["command"] = " ".join([".venv/bin/python", "bench/ring_bench.py"] + sys.argv[1:])
+    if a.before:
+        res["before"] = json.loads(a.before.read_text())
+        res["before"]["label"] = a.before_label or str(a.before)
+        res["before"].pop("before", None)
     write(res, Path(a.out), a.tag)
     print(Path(a.out) / ("ring" + (f".{a.tag}" if a.tag else "") + ".md"))

@@ -4,13 +4,14 @@ Recovery", TOCS 20(4) 2002; PAPERS.md "PBFT").
 
 n = 3f+1 members; the primary of view v is member v mod n. The primary
 batches client requests and orders each batch at a sequence number with a
-PRE-PREPARE; backups PREPARE it; a member with the pre-prepare and 2f
-matching prepares is *prepared* and sends COMMIT; with 2f+1 matching commits
-the batch is *decided* at that seq. Decided batches execute strictly in
+PRE-PREPARE; a member with the pre-prepare and 2f matching PREPAREs is
+*prepared*, and with 2f+1 matching COMMITs the batch is *decided* at that
+seq. The primary collects both quorums and relays them (``ring_agreement``:
+3(n-1) messages per batch, not 2n^2). Decided batches execute strictly in
 sequence order, within the water marks (h, h+L] where h is the last stable
-checkpoint. Every K executions a member takes a checkpoint (a snapshot of its
-state and its digest) and signs a CHECKPOINT; 2f+1 matching ones make it
-stable, and the log before it is discarded.
+checkpoint. Every K executions a member takes a checkpoint (a snapshot of
+its state and its digest) and signs a CHECKPOINT; 2f+1 matching ones make
+it stable, and the log before it is discarded.
 
 Invariants (f or fewer faulty members):
 
@@ -27,7 +28,17 @@ Invariants (f or fewer faulty members):
 Liveness comes from timers (view change, ``ring_viewchange``) and catch-up
 (``ring_transfer``). Side effects follow S2 of ``ring_store``: every message
 and every reply to a client is released only after the writes it depends on
-are durable (one group commit per burst of events, by ``_flush_loop``).
+are committed (one group commit per burst of events, by ``_flush_loop``);
+the commit is fsynced only when results of an execution are released (the
+executed state a client may rely on), and a member that finds it may have
+lost un-fsynced commits in an operating-system crash stays mute in the views
+it may have spoken in.
+
+Replies. Each member answers the clients that asked it with its result and
+its certificate share once the result is durable (``ring_requests``). After
+executing a batch, a backup sends the primary its shares of every result
+(SHARES), so the primary can answer a client that asked it alone with a
+whole certificate (2f+1 shares): one request per update instead of 3f+1.
 
 The application plugs in through :class:`App`. It must be deterministic: its
 result may depend only on its state and (client, rid, op, time, seq).
@@ -51,8 +62,10 @@ from overlay.wire.transport import Peer, Refused
 
 from . import ring_messages as M
 from .certificate import RingDescriptor
+from .ring_agreement import AgreementMixin, Slot
 from .ring_checkpoint import CheckpointMixin
 from .ring_errors import NotAMember
+from .ring_execution import ExecutionMixin
 from .ring_messages import BadMessage, RingContext
 from .ring_outbox import Outbox
 from .ring_requests import Pending, RequestMixin
@@ -65,7 +78,13 @@ log = logging.getLogger(__name__)
 REQ = frames.message("pbft.req", {
     "c": PUBKEY, "r": Int(0, 2**63 - 1), "op": Bytes(max=M.MAX_OP), "s": SIG,
     "wait": float,
-}, {"res": Bytes(max=64 * 1024)})
+}, {"res": Bytes(max=64 * 1024),
+    # The answering member's view (clients find the primary with it) and,
+    # from the primary, the other members' shares of the result's body, by
+    # member index (b"" for none): with its own share in ``res``, a whole
+    # certificate.
+    "view": frames.Optional(Int(0, 2**63 - 1)),
+    "sigs": frames.Optional(frames.ListOf(Bytes(max=64), max=64))})
 
 
 class App(Protocol):
@@ -89,6 +108,20 @@ class App(Protocol):
     def reply(self, client: bytes, rid: int, result: bytes) -> bytes:
         """What this member answers the client (may add a signature)."""
 
+    def share(self, result: bytes) -> tuple[bytes, bytes] | None:
+        """(the body a certificate of ``result`` would certify, our signature
+        of it), or None if the result certifies nothing."""
+
+    def share_ok(self, member_key: bytes, body: bytes, sig: bytes) -> bool:
+        """Whether ``sig`` is that member's valid share of ``body``."""
+
+    def tentative_ok(self, op: bytes) -> bool:
+        """Whether ``op`` may run before its batch is decided (it will be
+        taken back through the store's undo records if need be)."""
+
+    def reloaded(self, db: str, key: bytes) -> None:
+        """The store's value under (db, key) was taken back: re-read it."""
+
     def take_config(self) -> RingDescriptor | None:
         """A new ring descriptor the last executed request installed (member
         replacement), or None. The replica switches to it after the batch."""
@@ -110,27 +143,14 @@ class PbftConfig:
     max_wait: float = 30.0             # longest a client request handler waits
     max_skew_ms: int = 120_000         # batch time vs our clock, normal case
     client_window: int = 64            # request ids remembered per client
+    share_wait: float = 0.5            # primary: how long to wait for the others' shares
+    outbox_inflight: int = 4           # frames in flight to one peer
+    tentative: bool = True             # execute once prepared (TOCS 5.1.2)
+    commit_delay: float = 0.05         # primary: hold COMMITTED this long for a ride
 
 
-class Slot:
-    """What one member knows of one sequence number."""
-
-    __slots__ = ("n", "view", "digest", "batch", "pp", "prepares", "commits", "prepared",
-                 "decided")
-
-    def __init__(self, n: int):
-        self.n = n
-        self.view = -1
-        self.digest: bytes | None = None
-        self.batch: bytes | None = None
-        self.pp: dict | None = None
-        self.prepares: dict[int, dict] = {}               # member -> PREPARE
-        self.commits: dict[int, tuple[int, bytes]] = {}   # member -> (view, digest)
-        self.prepared = False
-        self.decided: tuple[bytes, bytes] | None = None   # (digest, batch)
-
-
-class Replica(RequestMixin, CheckpointMixin, ViewChangeMixin, TransferMixin):
+class Replica(AgreementMixin, ExecutionMixin, RequestMixin, CheckpointMixin, ViewChangeMixin,
+              TransferMixin):
     """One member of an inner ring (see module docstring)."""
 
     def __init__(self, identity: Identity, ring: RingDescriptor, app: App, store: RingStore,
@@ -155,7 +175,8 @@ class Replica(RequestMixin, CheckpointMixin, ViewChangeMixin, TransferMixin):
         self.h = 0                       # last stable checkpoint
         self.stable_digest = b""
         self.stable_proof: list[dict] = []
-        self.exec_seq = 0
+        self.exec_seq = 0                # executed, maybe tentatively (ring_execution)
+        self.committed_seq = 0           # executed and decided, for good
         self.last_time = 0               # ms; replicated (batch times only grow)
         self.slots: dict[int, Slot] = {}
         self.pset: dict[int, tuple[dict, list[dict]]] = {}   # highest prepared certs
@@ -175,19 +196,27 @@ class Replica(RequestMixin, CheckpointMixin, ViewChangeMixin, TransferMixin):
         # effects, released by _flush_loop after the store commits
         self._out: list[tuple[int | None, dict]] = []
         self._wake: list[tuple] = []
+        self._durable = False                    # the next commit releases results: fsync
         self._waiters: dict[tuple, trio.Event] = {}
         self._unreleased: set[tuple] = set()     # executed, result not yet durable
         self._dirty = trio.Event()
+        self._gen_next = 0                       # flushes started / finished: replies to
+        self._gen_done = -1                      # a frame wait for the flush of its effects
+        self._flushed = trio.Event()
+        self.mute_view = -1                      # say nothing in views up to this one
         self._timer_changed = trio.Event()
         self.outboxes: dict[int, Outbox] = {}
         self.stats = {"executed": 0, "batches": 0, "view_changes": 0, "bad_msgs": 0,
-                      "catchups": 0, "state_transfers": 0}
+                      "catchups": 0, "state_transfers": 0, "rollbacks": 0}
         self.base: tuple[int, bytes] = (0, b"")   # (seq, digest) this epoch started from
         self.retired = False                      # replaced: no longer a member
         self._nursery: trio.Nursery | None = None
         self._outbox_scope: trio.CancelScope | None = None
         self._init_viewchange()
         self._init_transfer()
+        self._init_agreement()
+        self._init_requests()
+        self._init_execution()
 
     # ------------------------------------------------------------------ setup
 
@@ -216,6 +245,16 @@ class Replica(RequestMixin, CheckpointMixin, ViewChangeMixin, TransferMixin):
         e = st.get("meta", b"exec")
         if e is not None:
             self.exec_seq, self.last_time = msgpack.unpackb(e)
+        c = st.get("meta", b"committed")
+        self.committed_seq = self.exec_seq if c is None else msgpack.unpackb(c)
+        if self.exec_seq > self.committed_seq:
+            # Tentative executions that never got decided before we
+            # stopped: take them back (S4); they run again once decided.
+            for db, key in st.undo_from(self.committed_seq + 1):
+                if db not in ("replies", "ckpts", "meta"):
+                    self.app.reloaded(db, key)
+            e = st.get("meta", b"exec")
+            self.exec_seq, self.last_time = (0, 0) if e is None else msgpack.unpackb(e)
         s = st.get("meta", b"stable")
         if s is not None:
             self.h, self.stable_digest, self.stable_proof = msgpack.unpackb(s, raw=False)
@@ -234,10 +273,25 @@ class Replica(RequestMixin, CheckpointMixin, ViewChangeMixin, TransferMixin):
                 slot.view, slot.digest, slot.batch, slot.pp = pp["v"], pp["d"], pp["b"], pp
             if rec.get("prep"):
                 self.pset[n] = (rec["prep"][0], rec["prep"][1])
+                pp = rec["prep"][0]
+                slot.prepared = (pp["v"], pp["d"]) == (slot.view, slot.digest)
             if rec.get("dec"):
                 slot.decided = (rec["dec"][0], rec["dec"][1])
         self.next_seq = max([self.exec_seq, self.h] + [s.n for s in self.slots.values()
                                                         if s.view == self.view]) + 1
+        mute = st.get("meta", b"mute")
+        self.mute_view = -1 if mute is None else msgpack.unpackb(mute)
+        if st.maybe_lost and self.view > self.mute_view:
+            # An operating-system crash may have taken back commits we had
+            # already acted on (un-fsynced, ring_store): we may have sent
+            # messages in this view that we no longer know of, so we send
+            # none in it; we speak again from the next view on. Durable
+            # before anything else, so a second restart keeps the rule.
+            self.mute_view = self.view
+            st.put("meta", b"mute", msgpack.packb(self.mute_view))
+            st.commit_sync()
+            log.warning("member %d: the machine crashed under our store; mute in views up to "
+                        "%d", self.i, self.mute_view)
         self._recover_viewchange()
         self._try_execute()
         log.info("member %d (%s) recovered: view %d%s, exec %d, stable %d", self.i,
@@ -253,6 +307,7 @@ class Replica(RequestMixin, CheckpointMixin, ViewChangeMixin, TransferMixin):
             self._nursery = n
             self._start_outboxes()
             n.start_soon(self._flush_loop)
+            n.start_soon(self._commit_relay_loop)
             n.start_soon(self._timer_loop)
             n.start_soon(self._catchup_loop)
             if self.in_vc:
@@ -271,9 +326,11 @@ class Replica(RequestMixin, CheckpointMixin, ViewChangeMixin, TransferMixin):
         scope = self._outbox_scope = trio.CancelScope()
         for j, m in enumerate(self.ring.members):
             if j != self.i:
-                self.outboxes[j] = Outbox(self.transport, Peer(m.id, m.addr),
-                                          max_queue=self.cfg.max_outbox,
-                                          timeout=self.cfg.send_timeout)
+                self.outboxes[j] = Outbox(
+                    self.transport, Peer(m.id, m.addr),
+                    deliver=lambda msgs, j=j, pid=m.id: self._on_reply_msgs(j, pid, msgs),
+                    max_queue=self.cfg.max_outbox, timeout=self.cfg.send_timeout,
+                    inflight=self.cfg.outbox_inflight, clock=self.clock)
         boxes = list(self.outboxes.values())
 
         async def run_all():
@@ -284,6 +341,13 @@ class Replica(RequestMixin, CheckpointMixin, ViewChangeMixin, TransferMixin):
 
         self._nursery.start_soon(run_all)
 
+    def traffic(self) -> dict[str, int]:
+        """Protocol traffic so far: round trips this member started, and
+        messages it sent in them and in its replies."""
+        obs = self.outboxes.values()
+        return {"frames_sent": sum(o.frames for o in obs), "msgs_sent": sum(o.sent for o in obs),
+                "msgs_in_replies": sum(o.replied for o in obs)}
+
     # ------------------------------------------------------------ effects
 
     def _kick(self) -> None:
@@ -291,6 +355,10 @@ class Replica(RequestMixin, CheckpointMixin, ViewChangeMixin, TransferMixin):
 
     def _send(self, msg: dict, to: int | None = None) -> None:
         """Queue a message for one member or (``to=None``) all others."""
+        if msg["t"] in M.AGREEMENT and msg["v"] <= self.mute_view:
+            return                     # see recover(): we may contradict ourselves
+        if to is None and self._held_cc and msg["t"] in ("pp", "pc"):
+            self._release_committed()  # they ride in the same frames
         self._out.append((to, msg))
         self._dirty.set()
 
@@ -307,16 +375,43 @@ class Replica(RequestMixin, CheckpointMixin, ViewChangeMixin, TransferMixin):
         while True:
             await self._dirty.wait()
             self._dirty = trio.Event()
-            out, wake = self._out, self._wake
-            self._out, self._wake = [], []
-            await self.store.commit()          # S2: durable before released
+            out, wake, durable = self._out, self._wake, self._durable
+            self._out, self._wake, self._durable = [], [], False
+            gen = self._gen_next
+            self._gen_next += 1
+            await self.store.commit(durable=False)       # S2: committed before released
+            results = []
             for to, msg in out:
+                if msg["t"] in M.RESULTS:
+                    results.append((to, msg))
+                else:
+                    self._route(to, msg)
+            if durable:
+                # Results (client replies, certificate shares) only once
+                # fsynced. The messages above need not wait for the disk:
+                # a few scheduler passes let the outboxes put them on the
+                # wire before an inline fsync stops this thread.
+                if out and not self.store.threaded:
+                    for _ in range(3):
+                        await trio.sleep(0)
+                await self.store.sync()
+            for to, msg in results:
                 self._route(to, msg)
             for key in wake:
                 self._unreleased.discard(key)
                 ev = self._waiters.pop(key, None)
                 if ev is not None:
                     ev.set()
+            self._gen_done = gen
+            self._flushed.set()
+            self._flushed = trio.Event()
+
+    async def _until_flushed(self) -> None:
+        """Wait until what was queued so far is committed and released."""
+        target = self._gen_next
+        with trio.move_on_after(self.cfg.send_timeout):
+            while self._gen_done < target:
+                await self._flushed.wait()
 
     # ------------------------------------------------------------ persistence
 
@@ -335,12 +430,35 @@ class Replica(RequestMixin, CheckpointMixin, ViewChangeMixin, TransferMixin):
         j = self.ring.index_of(sender)
         if j is None or j == self.i or self.retired:
             raise Refused("not_member", f"not a protocol peer in ring epoch {self.ring.epoch}")
-        for m in body["msgs"]:
+        ob = self.outboxes.get(j)
+        at = body.get("at")
+        if ob is None or at is None or abs(self.clock() - at) > self.cfg.send_timeout / 2:
+            # The sender may have given up on this frame (ring_outbox): what
+            # we have for it goes by our outbox, not in a reply it may drop.
+            self._take_in(j, body["msgs"])
+            return {}
+        # Answer with what we have for j once these messages' effects are
+        # committed (ring_outbox): usually the next protocol step.
+        ob.hold()
+        try:
+            self._take_in(j, body["msgs"])
+            if any(to is None or to == j for to, _ in self._out):
+                await self._until_flushed()
+            return {"msgs": ob.take()}
+        finally:
+            ob.release()
+
+    def _take_in(self, j: int, msgs: list) -> None:
+        """Process messages member j sent us (in a frame or in a reply)."""
+        if self.retired or j >= self.ring.n:
+            return
+        for m in msgs:
             try:
                 t = M.check_shape(m)
                 # Direct messages must come from the member they name: the
-                # transport proved the sender (this is our MAC).
-                if t != "rq" and m["i"] != j:
+                # transport proved the sender (this is our MAC). A request
+                # and a NEW-VIEW prove themselves: anyone may relay them.
+                if t not in ("rq", "nv") and m["i"] != j:
                     raise BadMessage(f"{t} from member {j} claims to be from {m['i']}")
                 self._on_msg(j, t, m)
             except BadMessage as e:
@@ -352,13 +470,18 @@ class Replica(RequestMixin, CheckpointMixin, ViewChangeMixin, TransferMixin):
                     log.warning("member %d: dropping message from member %d (%d so far): %s",
                                 self.i, j, self._bad_from[j], e)
         self._kick()
-        return {}
+
+    def _on_reply_msgs(self, j: int, peer_id: bytes, msgs: list) -> None:
+        # Replies come on our own connection to that member (whose key the
+        # transport checked); the index may have moved in a reconfiguration.
+        if self.ring.index_of(peer_id) == j:
+            self._take_in(j, msgs)
 
     def _on_msg(self, j: int, t: str, m: dict) -> None:
-        if t in ("pp", "p", "c"):
+        if t in M.AGREEMENT:
             if m["v"] > self.seen_view[j]:
                 self.seen_view[j] = m["v"]
-            if t == "c" and m["n"] > self.seen_seq[j]:
+            if t in ("c", "cc") and m["n"] > self.seen_seq[j]:
                 self.seen_seq[j] = m["n"]
             if m["v"] < self.view:
                 return
@@ -368,8 +491,9 @@ class Replica(RequestMixin, CheckpointMixin, ViewChangeMixin, TransferMixin):
                 return
             if not self.h < m["n"] <= self.h + self.cfg.window:
                 return
-            {"pp": self._on_pre_prepare, "p": self._on_prepare,
-             "c": self._on_commit}[t](j, m)
+            self._agreement_handlers[t](j, m)
+        elif t == "sh":
+            self._on_shares(j, m)
         elif t == "ck":
             self._on_checkpoint(j, m)
         elif t == "vc":
@@ -387,158 +511,7 @@ class Replica(RequestMixin, CheckpointMixin, ViewChangeMixin, TransferMixin):
             except BadMessage as e:
                 log.warning("member %d: dropping buffered message from %d: %s", self.i, j, e)
 
-    # ------------------------------------------------------------ normal case
-
-    def _slot(self, n: int) -> Slot:
-        s = self.slots.get(n)
-        if s is None:
-            s = self.slots[n] = Slot(n)
-        return s
-
-    def _on_pre_prepare(self, j: int, pp: dict) -> None:
-        if j != self.ctx.primary(pp["v"]):
-            raise BadMessage(f"pre-prepare from member {j}, who is not the primary")
-        slot = self._slot(pp["n"])
-        if slot.view == pp["v"] and slot.pp is not None:
-            if slot.digest != pp["d"]:
-                log.warning("member %d: primary %d equivocates at seq %d", self.i, j, pp["n"])
-            return
-        M.check_pre_prepare(self.ctx, pp)
-        time_ms, reqs = M.decode_batch(pp["b"])
-        if abs(time_ms - self._now_ms()) > self.cfg.max_skew_ms:
-            raise BadMessage(f"batch time {time_ms} is off our clock by more than "
-                             f"{self.cfg.max_skew_ms} ms")
-        self._check_requests(reqs)
-        self._accept_pp(slot, pp)
-
-    def _check_requests(self, reqs) -> None:
-        for r in reqs:
-            p = self.pending.get(r.key)
-            if p is not None and p.req == r:
-                continue
-            d = r.digest()
-            if d in self._verified:
-                continue
-            r.check_signature(self.ring.ring_id)
-            self.app.check_op(r.c, r.op)
-            self._verified[d] = None
-            if len(self._verified) > 16384:
-                self._verified.popitem(last=False)
-
-    def _accept_pp(self, slot: Slot, pp: dict) -> None:
-        v = pp["v"]
-        if slot.decided and slot.decided[0] != pp["d"]:
-            log.error("member %d: seq %d decided %s but view %d proposes %s", self.i, slot.n,
-                      short(slot.decided[0]), v, short(pp["d"]))
-            return
-        slot.view, slot.digest, slot.batch, slot.pp = v, pp["d"], pp["b"], pp
-        slot.prepared = False
-        slot.prepares = {k: p for k, p in slot.prepares.items() if p["v"] >= v}
-        slot.commits = {k: c for k, c in slot.commits.items() if c[0] >= v}
-        self._persist_slot(slot)
-        if self.i != self.ctx.primary(v):
-            p = M.prepare(self.ctx, self.me, self.i, v, slot.n, slot.digest)
-            slot.prepares[self.i] = p
-            self._send(p)
-        self._check_prepared(slot)
-
-    def _on_prepare(self, j: int, p: dict) -> None:
-        if j == self.ctx.primary(p["v"]):
-            raise BadMessage("the primary does not send prepares")
-        slot = self._slot(p["n"])
-        old = slot.prepares.get(j)
-        if old is not None and old["v"] >= p["v"]:
-            return                                # duplicate or replay
-        if slot.prepared and slot.view == p["v"]:
-            return                                # not needed any more
-        self.ctx.check_sig(p)
-        slot.prepares[j] = p
-        self._check_prepared(slot)
-
-    def _check_prepared(self, slot: Slot) -> None:
-        if slot.prepared or slot.pp is None:
-            return
-        key = (slot.view, slot.digest)
-        ps = [p for p in slot.prepares.values() if (p["v"], p["d"]) == key]
-        if len(ps) < 2 * self.f:
-            return
-        slot.prepared = True
-        self.pset[slot.n] = (slot.pp, ps)
-        self._persist_slot(slot)
-        slot.commits[self.i] = key
-        self._send(M.commit(self.i, slot.view, slot.n, slot.digest))
-        self._check_committed(slot)
-
-    def _on_commit(self, j: int, c: dict) -> None:
-        slot = self._slot(c["n"])
-        old = slot.commits.get(j)
-        if old is not None and old[0] >= c["v"]:
-            return
-        slot.commits[j] = (c["v"], c["d"])
-        self._check_committed(slot)
-
-    def _check_committed(self, slot: Slot) -> None:
-        if slot.decided or not slot.prepared:
-            return
-        key = (slot.view, slot.digest)
-        if sum(1 for c in slot.commits.values() if c == key) >= 2 * self.f + 1:
-            self._decide(slot, slot.digest, slot.batch)
-
-    def _decide(self, slot: Slot, digest: bytes, batch: bytes) -> None:
-        slot.decided = (digest, batch)
-        self._persist_slot(slot)
-        self._try_execute()
-
     # ------------------------------------------------------------ execution
-
-    def _try_execute(self) -> None:
-        while True:
-            slot = self.slots.get(self.exec_seq + 1)
-            if slot is None or slot.decided is None or self.need_state:
-                return
-            self._execute(slot)
-
-    def _execute(self, slot: Slot) -> None:
-        n = slot.n
-        time_ms, reqs = M.decode_batch(slot.decided[1])
-        t = max(time_ms, self.last_time)
-        for r in reqs:
-            tbl = self.clients.get(r.c)
-            if tbl is None or r.r not in tbl:
-                if tbl and len(tbl) >= self.cfg.client_window and r.r < min(tbl):
-                    res = None                    # stale: not applied, not remembered
-                else:
-                    res = self.app.execute(r.c, r.r, r.op, t, n)
-                    tbl = self.clients.setdefault(r.c, {})
-                    tbl[r.r] = res
-                    self.store.put("replies", r.c + u64(r.r), res)
-                    if len(tbl) > self.cfg.client_window:
-                        old = min(tbl)
-                        del tbl[old]
-                        self.store.delete("replies", r.c + u64(old))
-                    self.stats["executed"] += 1
-            self._wake.append(r.key)
-            self._unreleased.add(r.key)
-            self.pending.pop(r.key, None)
-            self.queue.pop(r.key, None)
-        self.exec_seq = n
-        self.last_time = t
-        self.store.put("meta", b"exec", msgpack.packb([n, t]))
-        self.stats["batches"] += 1
-        self.my_inflight.discard(n)
-        self.vc_attempts = 0
-        for p in self.pending.values():       # progress: the timers start again
-            p.since = trio.current_time()
-        self._timer_changed.set()
-        if n % self.cfg.checkpoint_interval == 0:
-            self._take_checkpoint(n)
-        self._after_execute(n)
-        self._try_propose()
-
-    def _after_execute(self, n: int) -> None:
-        new = self.app.take_config()
-        if new is not None:
-            self._reconfigure(new, n)
 
     def result_of(self, c: bytes, r: int) -> bytes | None:
         tbl = self.clients.get(c)
@@ -555,7 +528,8 @@ class Replica(RequestMixin, CheckpointMixin, ViewChangeMixin, TransferMixin):
         return int(self.clock() * 1000)
 
     def is_primary(self) -> bool:
-        return not self.in_vc and not self.retired and self.ctx.primary(self.view) == self.i
+        return (not self.in_vc and not self.retired and self.view > self.mute_view
+                and self.ctx.primary(self.view) == self.i)
 
     def _try_propose(self) -> None:
         if not self.is_primary() or self.need_state:

@@ -24,9 +24,12 @@ request ordered by PBFT (``pbft.Replica``) and executed deterministically:
              prev = old descriptor digest), signed by the old epoch's ring
 
 Every answer that names a version carries the certificate body of that
-version and this member's signature of it, so the client assembles a
-certificate of 2f+1 signatures from the replies alone (``ringclient``). A
-certificate is signed under the ring's current epoch.
+version and this member's signature of it, so a client assembles a
+certificate of 2f+1 signatures from members' replies alone (``ringclient``),
+or gets it whole from the primary, which gathers the backups' shares
+(``ring_requests``). A certificate is signed under the ring's current epoch.
+Operations run tentatively once prepared (``ring_execution``) except
+``reconfig``, which runs only once decided.
 
 The service also serves readers: ``ring.latest`` returns the newest full
 certificate the member has (assembling it on demand from the other
@@ -46,7 +49,8 @@ import trio
 
 from overlay.wire import frames
 from overlay.wire.frames import GUID, PUBKEY, SIG, Bytes, Int, ListOf, Nullable, Optional, Str
-from overlay.wire.ids import Identity, guid_of, short
+from overlay.wire.ids import BadSignature, Identity, guid_of, short
+from overlay.wire.ids import verify as verify_signature
 from overlay.wire.transport import Peer, PeerError, Refused, RemoteError
 
 from .certificate import CERT_CONTEXT, CertBody, Certificate, RingDescriptor, verify
@@ -258,6 +262,32 @@ class ObjectRing:
         share = self.sign_body(body) if body is not None else None
         return msgpack.packb([status, body, detail, share], use_bin_type=True)
 
+    def tentative_ok(self, op: bytes) -> bool:
+        # A reconfiguration switches rings when it executes: decided only.
+        try:
+            return msgpack.unpackb(op, raw=False).get("op") != "reconfig"
+        except Exception:
+            return False
+
+    def reloaded(self, db: str, key: bytes) -> None:
+        if db == "objects":
+            raw = self.store.get("objects", key)
+            if raw is None:
+                self.objects.pop(key, None)
+            else:
+                self.objects[key] = ObjectState.unpack(msgpack.unpackb(raw, raw=False))
+
+    def share(self, result: bytes) -> tuple[bytes, bytes] | None:
+        body = msgpack.unpackb(result, raw=False)[1]
+        return None if body is None else (body, self.sign_body(body))
+
+    def share_ok(self, member_key: bytes, body: bytes, sig: bytes) -> bool:
+        try:
+            verify_signature(member_key, sig, CERT_CONTEXT + body)
+            return True
+        except BadSignature:
+            return False
+
 
 def newest_ring(store: RingStore, ring: RingDescriptor) -> RingDescriptor:
     """The newer of ``ring`` and the descriptor this member stored when it
@@ -309,8 +339,8 @@ class RingService:
         """This member's progress, for operators, tools and tests."""
         r = self.replica
         return {"ring": self.ring.ring_id, "epoch": self.ring.epoch, "index": r.i,
-                "view": r.view, "active": not r.in_vc, "exec": r.exec_seq, "h": r.h,
-                "objects": len(self.app.objects), "stats": dict(r.stats)}
+                "view": r.view, "active": not r.in_vc, "exec": r.committed_seq, "h": r.h,
+                "objects": len(self.app.objects), "stats": {**r.stats, **r.traffic()}}
 
     async def _on_status(self, sender: bytes, body: dict) -> dict:
         return self.status()

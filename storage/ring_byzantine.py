@@ -5,18 +5,23 @@ anything). Never use outside tests and fault-injection runs.
 Faults (any combination):
 
 * ``silent``      sends nothing and answers no client, but stays connected;
-* ``wrong_vguid`` signs certificate bodies with made-up VGUIDs for clients
-  and for other members' share requests, and prepares and commits digests
-  of batches nobody proposed;
+* ``wrong_vguid`` signs certificate bodies with made-up VGUIDs for clients,
+  for the primary (SHARES) and for other members' share requests, and
+  prepares and commits digests of batches nobody proposed;
 * ``equivocate``  as primary, sends each backup a different pre-prepare for
   the same sequence number; to clients, claims success for every update
   with a certificate share of whatever each client wanted (a different body
-  for each client at the same seq);
+  for each client at the same seq), and its shares for the primary are of
+  made-up versions too;
 * ``replay``      keeps every message it receives and sends and, a few times
   a second, re-sends a sample of old ones to everybody (old pre-prepares,
   prepares, commits, checkpoints, view changes), re-submits old client
   requests to the other members, and as primary slips old requests into
-  new batches (so they are ordered, and executed, a second time).
+  new batches (so they are ordered, and executed, a second time);
+* ``forge``       answers readers (``ring.latest``) with forged certificates:
+  a newer version it made up, signed by itself and carrying the real
+  certificate's signatures (which do not cover it), or signed by itself
+  alone.
 """
 
 from __future__ import annotations
@@ -31,12 +36,12 @@ from overlay.wire.ids import guid
 from overlay.wire.transport import Peer, PeerError, RemoteError
 
 from . import ring_messages as M
-from .certificate import CertBody
+from .certificate import CertBody, Certificate
 from .pbft import REQ, Replica
 
 log = logging.getLogger(__name__)
 
-FAULTS = ("silent", "wrong_vguid", "equivocate", "replay")
+FAULTS = ("silent", "wrong_vguid", "equivocate", "replay", "forge")
 
 
 class ByzantineReplica(Replica):
@@ -60,8 +65,6 @@ class ByzantineReplica(Replica):
     # ---- lies to clients ------------------------------------------------------
 
     def _lying_sign(self, honest, body: bytes) -> bytes:
-        if "wrong_vguid" not in self.faults:
-            return honest(body)
         b = CertBody.decode(body)
         fake = CertBody(b.ring_id, b.epoch, b.aguid, b.seq, self.rng.randbytes(32), b.prev,
                         b.time)
@@ -84,15 +87,41 @@ class ByzantineReplica(Replica):
         return msgpack.packb([status, enc, detail, self.me.sign(fake.signing_bytes())],
                              use_bin_type=True)
 
+    # ---- lies to readers ------------------------------------------------------------
+
+    def register(self, dispatcher) -> None:
+        super().register(dispatcher)
+        if "forge" in self.faults:
+            from .ring import LATEST
+            on = dispatcher.on
+
+            def on_forging(msg_type, fn):
+                on(msg_type, self._forging(fn) if msg_type == LATEST else fn)
+
+            dispatcher.on = on_forging
+
+    def _forging(self, honest):
+        async def latest(sender: bytes, body: dict) -> dict:
+            r = await honest(sender, body)
+            if r["cert"] is None:
+                return r
+            real = Certificate.decode(r["cert"])
+            b = real.body
+            fake = CertBody(b.ring_id, b.epoch, b.aguid, b.seq + 1, self.rng.randbytes(32),
+                            b.vguid, b.time + 1)
+            sigs = {self.me.id: fake.sign(self.me)}
+            if self.rng.random() < 0.5:
+                sigs = {**real.signatures, **sigs}   # real signatures, of another body
+            return {"cert": Certificate(fake, sigs).encode()}
+        return latest
+
     # ---- lies to members ------------------------------------------------------------
 
     def _route(self, to, msg: dict) -> None:
         if "silent" in self.faults:
             return
         if "wrong_vguid" in self.faults and msg["t"] in ("p", "c"):
-            msg = dict(msg, d=self.rng.randbytes(32))
-            if msg["t"] == "p":
-                msg = self.ctx.sign(self.me, msg)
+            msg = self.ctx.sign(self.me, dict(msg, d=self.rng.randbytes(32)))
         if "replay" in self.faults:
             self._remember(msg)
         super()._route(to, msg)

@@ -3,8 +3,10 @@
 ``pbft.Replica``.
 
 Every K executions a member snapshots its state (the reply table and the
-application's state, msgpack, deterministic), keeps the snapshot in LMDB
-(``ckpts``) and signs a CHECKPOINT of its digest. 2f+1 matching CHECKPOINTs
+application's state, msgpack, deterministic) right after executing, keeps
+the snapshot in LMDB (``ckpts``; a tentative execution takes it back with
+the rest, ``ring_execution``), and once that seq is final signs a
+CHECKPOINT of its digest. 2f+1 matching CHECKPOINTs
 make it stable: the low water mark h moves up to it, the log at and below it
 is discarded, and the signed CHECKPOINTs are its proof in view changes and
 state transfers. Snapshots cost O(state) each K requests; with K = 128 this
@@ -40,11 +42,18 @@ class CheckpointMixin:
         return msgpack.packb([self.exec_seq, self.last_time, clients, self.app.snapshot()],
                              use_bin_type=True)
 
-    def _take_checkpoint(self, n: int) -> None:
+    def _snapshot_checkpoint(self, n: int) -> None:
+        """Right after executing n (maybe tentatively: the snapshot is then
+        taken back with the execution)."""
         snap = self._snapshot_bytes()
-        d = guid(snap)
-        self.ck_own[n] = d
+        self.ck_own[n] = guid(snap)
         self.store.put("ckpts", u64(n), snap)
+
+    def _sign_checkpoint(self, n: int) -> None:
+        """Once n is final: vouch for the snapshot."""
+        d = self.ck_own.get(n)
+        if d is None or n <= self.h:
+            return                        # a later stable checkpoint replaced it
         ck = M.checkpoint(self.ctx, self.me, self.i, n, d)
         self.ck_msgs.setdefault(n, {})[self.i] = ck
         self._send(ck)
@@ -64,7 +73,7 @@ class CheckpointMixin:
         self._check_stable(n)
 
     def _check_stable(self, n: int) -> None:
-        own = self.ck_own.get(n)
+        own = self.ck_own.get(n) if n <= self.committed_seq else None
         if own is None or n <= self.h:
             return
         proof = [c for c in self.ck_msgs.get(n, {}).values() if c["d"] == own]

@@ -7,7 +7,9 @@ big-endian unsigned 64-bit, ``>Q``; values are msgpack unless noted)::
     meta      b"format" -> >I FORMAT
               b"view"   -> >Q  highest view this member has entered or
                                voted for (never goes back: PBFT safety)
-              b"exec"   -> >Q  last executed sequence number
+              b"exec"   -> [n, time]: last executed seq (maybe tentatively)
+              b"committed" -> n: executed and decided up to here
+              b"mute"   -> view: say nothing in views up to this (see below)
               b"stable" -> {n, d, proof}: last stable checkpoint and its
                                2f+1 signed CHECKPOINTs
               b"ring"   -> the current RingDescriptor (encoded)
@@ -19,6 +21,8 @@ big-endian unsigned 64-bit, ``>Q``; values are msgpack unless noted)::
     objects   AGUID -> object state (see ``storage.ring``)
     versions  AGUID + seq -> [vguid, prev, time] (history of every version)
     certs     AGUID -> encoded full certificate of the newest version seen
+    undo      seq + >I k -> [db, key, value before]: how to take back the
+                     tentative execution of seq (its k-th first write)
 
 Invariants, true after every committed transaction:
 
@@ -31,13 +35,33 @@ S2  a member sends a protocol message only after the transaction recording
     what it said before (an amnesiac member would count as a second fault).
 S3  ``slots`` holds no seq at or below the stable checkpoint; ``ckpts``
     holds the stable checkpoint and the newer, not yet stable, ones.
+S4  every write of an execution above ``committed`` has its undo record,
+    written in the same transaction: a member can always return to the
+    state after ``committed`` (:meth:`undo_from`), even after a restart.
 
 Writes are buffered (:meth:`put`, :meth:`delete`, :meth:`clear`) and
-committed together by :meth:`commit` (group commit: one fsync for whatever
-accumulated meanwhile). Reads during operation see the buffered writes.
-With ``threaded=True`` the commit runs in a worker thread so the trio thread
-keeps serving during the fsync; simulations use ``threaded=False`` because a
-thread would let a MockClock jump ahead of the disk.
+committed together by :meth:`commit` (group commit: one transaction for
+whatever accumulated meanwhile). Reads during operation see the buffered
+writes. With ``threaded=True`` the commit runs in a worker thread so the
+trio thread keeps serving meanwhile; simulations use ``threaded=False``
+because a thread would let a MockClock jump ahead of the disk (the
+same holds for an fsync).
+
+Durability (what fsync is for). A committed LMDB transaction is in the
+file (the kernel's page cache) at once: it survives the member *process*
+crashing or being killed, which is what S2 needs. Only an operating-system
+crash or power loss can take back a commit that was not fsynced. So
+``commit(durable=False)`` (the protocol steps: pre-prepares, prepares,
+commits, views) costs no fsync, and ``commit(durable=True)`` (the executed
+state before its results leave the member: client replies and certificate
+shares, which a client may rely on for ever) fsyncs it and everything
+before it. To keep S2 across an operating-system crash too, the store
+records the kernel's boot id while it is open: a store that was not closed
+cleanly and finds another boot id when reopened sets :attr:`maybe_lost`,
+and the member then stays mute in the views it may have spoken in
+(``pbft.Replica.recover``), which costs liveness at worst, never safety.
+With ``sync=False`` nothing is ever fsynced (tests, and benchmarks that say
+so).
 """
 
 from __future__ import annotations
@@ -47,12 +71,14 @@ import struct
 from pathlib import Path
 
 import lmdb
+import msgpack
 import trio
 
 from .ring_errors import RingError
 
 FORMAT = 1
-DBS = ("meta", "slots", "ckpts", "replies", "objects", "versions", "certs")
+DBS = ("meta", "slots", "ckpts", "replies", "objects", "versions", "certs", "undo")
+SESSION = b"session"       # meta key: boot id while open, absent after a clean close
 U64 = struct.Struct(">Q")
 U32 = struct.Struct(">I")
 _CLEAR = object()
@@ -68,6 +94,16 @@ def u64(n: int) -> bytes:
     return U64.pack(n)
 
 
+def boot_id() -> bytes:
+    """The running kernel's boot id (changes at every boot; Linux), or
+    b"?" where there is none (no reboot is ever detected then)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            return f.read().strip()
+    except OSError:
+        return b"?"
+
+
 class RingStore:
     """Buffered LMDB access for one member (see module docstring)."""
 
@@ -76,9 +112,11 @@ class RingStore:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.threaded = threaded
+        self.fsyncs = sync          # fsync durable commits (False: never)
         try:
+            # fsync only when a commit asks for it (see module docstring).
             self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=len(DBS) + 1,
-                                 sync=sync, metasync=sync)
+                                 sync=False, metasync=False)
         except lmdb.Error as e:
             raise RingStoreError(f"cannot open ring store {self.path}: {e}") from e
         self.dbs = {name: self.env.open_db(name.encode()) for name in DBS}
@@ -86,6 +124,10 @@ class RingStore:
         self._cleared: set[str] = set()
         # Writes taken by a commit still in progress: reads must see them too.
         self._inflight: tuple[dict, set] = ({}, set())
+        self._unsynced = False     # a commit since the last fsync
+        self._journal: int | None = None
+        self._journal_seen: set = set()
+        self._journal_k = 0
         self._lock = trio.Lock()
         fmt = self.get("meta", b"format")
         if fmt is None:
@@ -94,20 +136,72 @@ class RingStore:
         elif U32.unpack(fmt)[0] != FORMAT:
             raise RingStoreError(f"{self.path} is ring store format {U32.unpack(fmt)[0]}, "
                                  f"this code reads {FORMAT}")
+        # Open without a clean close before, under another kernel: the
+        # machine crashed while we ran, and un-fsynced commits may be gone.
+        prev = self.get("meta", SESSION)
+        self.maybe_lost = prev is not None and prev != boot_id()
+        with self.env.begin(write=True) as txn:
+            txn.put(SESSION, boot_id(), db=self.dbs["meta"])
+        self._fsync()
 
     # -- buffered writes -------------------------------------------------------
 
     def put(self, db: str, key: bytes, value: bytes) -> None:
+        if self._journal is not None:
+            self._journal_write(db, key)
         self._pending[(db, key)] = value
 
     def delete(self, db: str, key: bytes) -> None:
+        if self._journal is not None:
+            self._journal_write(db, key)
         self._pending[(db, key)] = None
 
     def clear(self, db: str) -> None:
         """Empty ``db`` (before the buffered writes that follow)."""
+        if self._journal is not None:
+            raise RingStoreError(f"clearing {db} cannot be undone (inside a tentative execution)")
         for k in [k for k in self._pending if k[0] == db]:
             del self._pending[k]
         self._cleared.add(db)
+
+    # -- undo records (S4) -----------------------------------------------------------
+
+    def journal(self, seq: int | None) -> None:
+        """Record how to undo the writes that follow, as those of seq's
+        tentative execution; ``None`` stops recording."""
+        self._journal = seq
+        self._journal_seen = set()
+        self._journal_k = len(self.items("undo", u64(seq))) if seq is not None else 0
+
+    def _journal_write(self, db: str, key: bytes) -> None:
+        if (db, key) in self._journal_seen:
+            return
+        self._journal_seen.add((db, key))
+        before = self.get(db, key)
+        self._pending[("undo", u64(self._journal) + U32.pack(self._journal_k))] = \
+            msgpack.packb([db, key, before], use_bin_type=True)
+        self._journal_k += 1
+
+    def undo_from(self, seq: int) -> list[tuple[str, bytes]]:
+        """Take back the tentative executions of seq and later, newest write
+        first; returns the (db, key)s restored, for the caller to reload."""
+        if self._journal is not None:
+            raise RingStoreError("undo while recording")
+        records = [(k, v) for k, v in self.items("undo") if U64.unpack(k[:8])[0] >= seq]
+        touched = []
+        for k, raw in reversed(records):
+            db, key, before = msgpack.unpackb(raw, raw=False)
+            self._pending[(db, key)] = before
+            self._pending[("undo", k)] = None
+            touched.append((db, key))
+        return touched
+
+    def forget_undo(self, upto: int) -> None:
+        """Seqs up to ``upto`` are decided: their writes stay for good."""
+        for k, _ in self.items("undo"):
+            if U64.unpack(k[:8])[0] > upto:
+                break
+            self._pending[("undo", k)] = None
 
     @property
     def dirty(self) -> bool:
@@ -161,7 +255,14 @@ class RingStore:
         self._pending, self._cleared = {}, set()
         return pending, cleared
 
-    def _write(self, pending, cleared) -> None:
+    def _fsync(self) -> None:
+        if self.fsyncs:
+            try:
+                self.env.sync(True)
+            except lmdb.Error as e:
+                raise RingStoreError(f"ring store {self.path}: fsync failed: {e}") from e
+
+    def _write(self, pending, cleared, durable: bool = True) -> None:
         try:
             with self.env.begin(write=True) as txn:
                 for db in cleared:
@@ -173,24 +274,51 @@ class RingStore:
                         txn.put(key, value, db=self.dbs[db])
         except lmdb.Error as e:
             raise RingStoreError(f"ring store {self.path}: write failed: {e}") from e
+        if durable:
+            self._fsync()
 
-    async def commit(self) -> None:
-        """Make every buffered write durable, in one transaction."""
+    async def commit(self, durable: bool = True) -> None:
+        """Commit every buffered write in one transaction; with ``durable``
+        also fsync it (and every commit before it). See module docstring."""
         async with self._lock:      # transactions commit in the order they were taken
-            if not self.dirty:
-                return
-            pending, cleared = self._inflight = self._take()
-            try:
-                if self.threaded:
-                    await trio.to_thread.run_sync(self._write, pending, cleared)
-                else:
-                    self._write(pending, cleared)
-            finally:
-                self._inflight = ({}, set())
+            if self.dirty:
+                pending, cleared = self._inflight = self._take()
+                self._unsynced = True
+                try:
+                    if self.threaded:
+                        await trio.to_thread.run_sync(self._write, pending, cleared, False)
+                    else:
+                        self._write(pending, cleared, False)
+                finally:
+                    self._inflight = ({}, set())
+            if durable:
+                await self._sync()
+
+    async def sync(self) -> None:
+        """fsync every commit so far (a no-op if there is none)."""
+        async with self._lock:
+            await self._sync()
+
+    async def _sync(self) -> None:
+        if self._unsynced and self.fsyncs:
+            self._unsynced = False
+            if self.threaded:
+                await trio.to_thread.run_sync(self._fsync)
+            else:
+                self._fsync()
+        self._unsynced = False
 
     def commit_sync(self) -> None:
         if self.dirty:
             self._write(*self._take())
 
     def close(self) -> None:
+        """Mark the close as clean (fsynced) and close. Writes still buffered
+        are dropped, as a crash would drop them."""
+        try:
+            with self.env.begin(write=True) as txn:
+                txn.delete(SESSION, db=self.dbs["meta"])
+            self._fsync()
+        except (lmdb.Error, RingStoreError):
+            pass            # closing anyway: the next open treats it as a crash
         self.env.close()

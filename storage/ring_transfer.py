@@ -70,7 +70,7 @@ class TransferMixin:
         n = max(body["from"], self.h + 1)
         # A snapshot answer carries no entries (the asker fetches them next
         # round): both together could pass the frame cap.
-        while (not body["state"] and n <= self.exec_seq and len(entries) < 256
+        while (not body["state"] and n <= self.committed_seq and len(entries) < 256
                and size < ENTRY_BYTES):
             slot = self.slots.get(n)
             if slot is None or slot.decided is None:
@@ -82,7 +82,7 @@ class TransferMixin:
         if body["state"] and self.h > 0 and not self.need_state:
             snap = self.store.get("ckpts", u64(self.h))
         return {"epoch": self.ring.epoch, "view": self.view, "active": not self.in_vc,
-                "exec": self.exec_seq, "h": self.h, "hd": self.stable_digest,
+                "exec": self.committed_seq, "h": self.h, "hd": self.stable_digest,
                 "proof": self.stable_proof, "snap": snap, "entries": entries,
                 "nv": self.last_nv if not self.in_vc else None}
 
@@ -91,10 +91,14 @@ class TransferMixin:
     def _lagging(self) -> bool:
         if self.need_state:
             return True
-        stuck = self.exec_seq == self._last_check_exec
-        self._last_check_exec = self.exec_seq
+        if self.in_vc and self.vc_deadline_at == float("inf"):
+            # In a view change nobody joined (yet): the others may well be
+            # running on without us. Keep our state current meanwhile.
+            return True
+        stuck = self.committed_seq == self._last_check_exec
+        self._last_check_exec = self.committed_seq
         others = [s for k, s in enumerate(self.seen_seq) if k != self.i]
-        if stuck and kth_highest(others, self.f + 1) > self.exec_seq:
+        if stuck and kth_highest(others, self.f + 1) > self.committed_seq:
             return True
         vt = kth_highest((v for k, v in enumerate(self.seen_view) if k != self.i), self.f + 1)
         return vt > self.view or (vt == self.view and self.in_vc)
@@ -113,7 +117,7 @@ class TransferMixin:
     async def _ask(self, m, state: bool, out: dict) -> None:
         try:
             out[m.id] = await self.transport.request(
-                Peer(m.id, m.addr), FETCH, {"from": self.exec_seq + 1, "state": state},
+                Peer(m.id, m.addr), FETCH, {"from": self.committed_seq + 1, "state": state},
                 timeout=self.cfg.send_timeout)
         except (PeerError, RemoteError) as e:
             log.debug("member %d: fetch from %s failed: %s", self.i, short(m.id), e)
@@ -140,16 +144,28 @@ class TransferMixin:
         self.stats["catchups"] += 1
         try:
             for _ in range(64):          # bounded: each round moves at most 256 seqs
-                before = (self.exec_seq, self.view, self.in_vc)
+                before = (self.committed_seq, self.view, self.in_vc)
                 replies = await self._ask_all()
+                self._note_progress(replies)
                 self._adopt_view(replies)
                 await self._adopt_state(replies)
                 more = self._adopt_entries(replies)
                 self._kick()
-                if not more or (self.exec_seq, self.view, self.in_vc) == before:
+                if not more or (self.committed_seq, self.view, self.in_vc) == before:
                     break
         finally:
             self._catching_up = False
+
+    def _note_progress(self, replies: dict[bytes, dict]) -> None:
+        """What the others told us of their progress: with the primary
+        relaying every vote, a backup hears little from the other backups,
+        and needs this to know whether it is the one behind."""
+        for x, r in replies.items():
+            k = self.ring.index_of(x)
+            if k is None or r["epoch"] != self.ring.epoch:
+                continue
+            self.seen_seq[k] = max(self.seen_seq[k], r["exec"])
+            self.seen_view[k] = max(self.seen_view[k], r["view"])
 
     def _adopt_view(self, replies: dict[bytes, dict]) -> None:
         nvs = sorted((r["nv"] for r in replies.values()
@@ -177,7 +193,7 @@ class TransferMixin:
         for x, r in replies.items():
             claims.setdefault((r["h"], r["hd"]), set()).add(x)
         for (h, hd), who in sorted(claims.items(), key=lambda c: -c[0][0]):
-            if h <= self.exec_seq:
+            if h <= self.committed_seq:
                 break
             proof = None
             if self._attested(replies, who):
@@ -232,7 +248,7 @@ class TransferMixin:
                 batches[d] = b
         progressed = False
         while not self.need_state:
-            n = self.exec_seq + 1
+            n = self.committed_seq + 1
             got = [d for d, who in votes.get(n, {}).items() if self._attested(replies, who)]
             if not got:
                 break
@@ -241,7 +257,7 @@ class TransferMixin:
                 self._decide(slot, got[0], batches[got[0]])
             else:
                 self._try_execute()
-            if self.exec_seq < n:
+            if self.committed_seq < n:
                 break
             progressed = True
         return progressed and full
@@ -255,7 +271,7 @@ class TransferMixin:
         if self.ck_own.get(n) == d:
             self._make_stable(n, d, proof)
             return
-        if self.exec_seq >= n:
+        if self.committed_seq >= n:
             log.error("member %d: our state at seq %d differs from the ring's; refetching",
                       self.i, n)
         self.need_state = True
@@ -271,6 +287,9 @@ class TransferMixin:
         except (ValueError, TypeError) as e:
             log.error("member %d: certified snapshot at %d will not load: %s", self.i, n, e)
             return
+        self._rollback()
+        self.store.clear("undo")
+        self._tentative.clear()
         self.store.clear("replies")
         for c, t in table.items():
             for rid, res in t.items():
@@ -278,7 +297,9 @@ class TransferMixin:
         self.clients = table
         self.app.restore(app_snap)
         self.exec_seq, self.last_time = n, last_time
+        self.committed_seq = n
         self.store.put("meta", b"exec", msgpack.packb([n, last_time]))
+        self.store.put("meta", b"committed", msgpack.packb(n))
         self.store.clear("ckpts")
         self.store.put("ckpts", u64(n), snap)
         self.ck_own = {n: d}

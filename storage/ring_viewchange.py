@@ -75,6 +75,9 @@ class ViewChangeMixin:
     def _start_view_change(self, v: int) -> None:
         if v <= self.view:
             return
+        if self._held_cc:
+            self._release_committed()     # decisions of the old view: still useful
+        self._rollback()                  # tentative executions (ring_execution)
         self.view = v
         self.in_vc = True
         self._persist_view()
@@ -176,6 +179,7 @@ class ViewChangeMixin:
     def _enter_view(self, nv: dict, result) -> None:
         v = nv["v"]
         min_s, max_s, chosen, best = result
+        self._rollback()
         self.view = v
         self.in_vc = False
         self._persist_view()

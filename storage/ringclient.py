@@ -1,18 +1,33 @@
 """The inner ring's client: signed update requests in, verified
 certificates out (DESIGN.md "storage/objects"; OceanStore/Pond inner ring).
 
-A request (client key, request id, operation, signature) goes to every
-member at once; each member answers only once the request has executed, with
-its result and, when the result names a version, its signature of that
-version's certificate body. The client accepts an outcome only when members
-agree on it:
+A request is (client key, request id, operation, signature). Each member that
+gets it answers only once the request has executed, with its result and,
+when the result names a version, its signature of that version's
+certificate body. The client accepts an outcome in one of two ways:
 
-* a version ("ok", "conflict", "current"): 2f+1 distinct members returned the
-  same certificate body, each with a valid signature of it; those signatures
-  *are* the certificate. With at most f faulty members, no two clients can
-  ever assemble different certificates for one (AGUID, seq);
-* a refusal ("not_authorised", "not_found", "bad_request", "stale"): f+1
-  members say so (at least one correct one, and execution is deterministic).
+* a certificate alone: the primary answers with 2f+1 members' signatures of
+  one body (``ring_requests``). The client takes it only where the
+  certificate itself proves the outcome: an update expecting seq s that
+  succeeded shows our VGUID at exactly seq s+1, and one that lost shows
+  someone else's VGUID there; a create shows our VGUID as version 1.
+  Versions are unique per (AGUID, seq) (2f+1 signers include f+1 correct
+  ones, who sign one version per seq), so a faulty primary cannot mislead
+  us with such a certificate; it can only withhold it;
+* agreement of members: 2f+1 distinct members return the same certificate
+  body, each with a valid signature of it (a version: "ok", "conflict",
+  "current"), or f+1 return the same refusal ("not_authorised",
+  "not_found", "bad_request", "stale"; at least one correct member says so,
+  and execution is deterministic). With at most f faulty members, no two
+  clients can ever assemble different certificates for one (AGUID, seq).
+
+So a request whose outcome a certificate can prove goes to the primary
+first (one round trip instead of 3f+1), and to every member if the primary
+gives no usable answer within ``primary_timeout``; any other request (reads,
+updates without ``expect_seq``, writer lists) goes to every member at once.
+The client learns which member is primary from the views members report
+(the (f+1)-th highest, so a liar cannot pick it) or from who last answered
+with a whole certificate.
 
 Members that have not answered are asked again, with the same request, each
 ``attempt_timeout``; members remember executed request ids, so a request
@@ -44,6 +59,7 @@ from .ring_errors import (
     RingUnavailable, StaleRequest,
 )
 from .ring_messages import Request
+from .ring_requests import kth_highest
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +71,18 @@ class RingClient:
     """Talks to one ring on behalf of one user identity."""
 
     def __init__(self, transport, ring: RingDescriptor, identity: Identity, *,
-                 attempt_timeout: float = 2.0, deadline: float = 10.0):
+                 attempt_timeout: float = 2.0, deadline: float = 10.0,
+                 primary_timeout: float = 1.0):
         self.transport = transport
         self.ring = ring
         self.me = identity
         self.attempt_timeout = attempt_timeout
         self.deadline = deadline
+        self.primary_timeout = primary_timeout
         self._last_rid = 0
         self._verified: set[tuple[bytes, bytes]] = set()     # (member id, share) checked
+        self._views: dict[int, int] = {}      # member index -> view it last reported
+        self._primary: int | None = None      # who last answered with a certificate
 
     # ---- high-level operations ----------------------------------------------------
 
@@ -73,9 +93,11 @@ class RingClient:
     async def create(self, name: bytes, vguid: bytes, writers=()) -> Certificate:
         """Create an object owned by us; its certificate of seq 1. Raises
         :class:`Conflict` if it exists."""
+        def alone(status, b):
+            return status == OK and (b.seq, b.vguid, b.prev) == (1, vguid, None)
         return await self._version(self.request({"op": "create", "aguid": self.aguid(name),
                                                  "name": name, "vguid": vguid,
-                                                 "writers": list(writers)}), vguid)
+                                                 "writers": list(writers)}), vguid, alone)
 
     async def update(self, aguid: bytes, vguid: bytes, *, expect_seq: int | None = None,
                      expect_vguid: bytes | None = None) -> Certificate:
@@ -86,7 +108,20 @@ class RingClient:
             op["expect_seq"] = expect_seq
         if expect_vguid is not None:
             op["expect_vguid"] = expect_vguid
-        return await self._version(self.request(op), vguid)
+        alone = None
+        if expect_seq is not None:
+            def alone(status, b):
+                # The version right after the one we expected: ours (we won)
+                # or another (we lost). See the module docstring. (A VGUID
+                # alone does not name a position: versions may repeat one.)
+                if b.aguid != aguid or status not in (OK, CONFLICT):
+                    return False
+                if b.seq != expect_seq + 1:
+                    return False
+                if expect_vguid is not None and b.prev != expect_vguid:
+                    return False
+                return (b.vguid == vguid) == (status == OK)
+        return await self._version(self.request(op), vguid, alone)
 
     async def set_writers(self, aguid: bytes, writers) -> Certificate:
         return await self._version(self.request({"op": "writers", "aguid": aguid,
@@ -138,15 +173,16 @@ class RingClient:
         """Send a request again (after RingUnavailable); applied at most once."""
         return await self._version(req)
 
-    async def _version(self, req: Request, want_vguid: bytes | None = None) -> Certificate:
+    async def _version(self, req: Request, want_vguid: bytes | None = None,
+                       alone=None) -> Certificate:
         try:
-            status, cert, detail = await self.submit(req)
+            status, cert, detail = await self.submit(req, alone=alone)
         except RingUnavailable:
             # Maybe the ring was reconfigured under us (members answer with
             # certificates of an epoch we do not know): follow it once.
             if not await self.refresh_ring():
                 raise
-            status, cert, detail = await self.submit(req)
+            status, cert, detail = await self.submit(req, alone=alone)
         if status == CONFLICT:
             raise Conflict(cert)
         if status in ERRORS:
@@ -167,20 +203,32 @@ class RingClient:
         return Request(c, rid, opb, self.me.sign(Request.signing_bytes(self.ring.ring_id, c,
                                                                        rid, opb)))
 
-    async def submit(self, req: Request) -> tuple[str, Certificate | None, str]:
+    def primary_guess(self) -> int:
+        """The member we think is primary: the last one that answered with a
+        certificate, else the primary of the (f+1)-th highest view members
+        reported (at least one correct member is that far)."""
+        if self._primary is not None and self._primary < self.ring.n:
+            return self._primary
+        return max(kth_highest(self._views.values(), self.ring.f + 1), 0) % self.ring.n
+
+    async def submit(self, req: Request, *, alone=None) -> tuple[str, Certificate | None, str]:
         """(status, certificate or None, detail) once members agree; see
-        module docstring. Raises RingUnavailable."""
+        module docstring. ``alone(status, body)`` says whether a certificate
+        of ``body`` proves the outcome ``status`` by itself; with it the
+        request goes to the primary first. Raises RingUnavailable."""
         ring = self.ring
         replies: dict[int, tuple] = {}
         reached: set[int] = set()         # members that answered anything at all
+        asking: set[int] = set()
         errors: dict[bytes, str] = {}
         outcome = None
         deadline = trio.current_time() + self.deadline
         body = {"c": req.c, "r": req.r, "op": req.op, "s": req.s}
 
-        async def ask(j: int, timeout: float, cancel: trio.CancelScope):
+        async def ask(j: int, timeout: float, done: trio.Event | None = None):
             nonlocal outcome
             m = ring.members[j]
+            asking.add(j)
             try:
                 r = await self.transport.request(Peer(m.id, m.addr), REQ,
                                                  {**body, "wait": max(timeout - 0.1, 0.0) * 0.9},
@@ -189,6 +237,14 @@ class RingClient:
                 rep = msgpack.unpackb(r["res"], raw=False)
                 if type(rep) is not list or len(rep) != 4 or type(rep[0]) is not str:
                     raise ValueError("malformed reply")
+                if "view" in r:
+                    self._views[j] = r["view"]
+                if r.get("sigs") and alone is not None:
+                    outcome = self._whole(j, rep, r["sigs"], alone)
+                    if outcome is not None:
+                        self._primary = j
+                        top.cancel()
+                        return
                 replies[j] = tuple(rep)
                 errors.pop(m.id, None)
             except RemoteError as e:
@@ -204,21 +260,36 @@ class RingClient:
             except (ValueError, TypeError, msgpack.UnpackException) as e:
                 errors[m.id] = f"unreadable reply: {e}"
                 return
+            finally:
+                asking.discard(j)
+                if done is not None:
+                    done.set()
             outcome = self._evaluate(replies)
             if outcome is not None:
-                cancel.cancel()
+                self._primary = None          # found by agreement: go by the views
+                top.cancel()
 
-        while outcome is None:
-            now = trio.current_time()
-            if now >= deadline or len(replies) == ring.n:
-                break
-            timeout = min(self.attempt_timeout, deadline - now)
-            async with trio.open_nursery() as n:
-                for j in range(ring.n):
-                    if j not in replies:
-                        n.start_soon(ask, j, timeout, n.cancel_scope)
-            if outcome is None:
-                await trio.sleep_until(min(now + timeout, deadline))
+        async with trio.open_nursery() as nursery:
+            top = nursery.cancel_scope
+            if alone is not None:
+                # The primary first; everybody once it is late.
+                first, answered = self.primary_guess(), trio.Event()
+                nursery.start_soon(ask, first, min(self.attempt_timeout, self.deadline),
+                                   answered)
+                with trio.move_on_after(self.primary_timeout):
+                    await answered.wait()
+            while outcome is None:
+                now = trio.current_time()
+                if now >= deadline or len(replies) == ring.n:
+                    break
+                timeout = min(self.attempt_timeout, deadline - now)
+                async with trio.open_nursery() as n:
+                    for j in range(ring.n):
+                        if j not in replies and j not in asking:
+                            n.start_soon(ask, j, timeout)
+                if outcome is None:
+                    await trio.sleep_until(min(now + timeout, deadline))
+            top.cancel()
         if outcome is not None:
             return outcome
         answered = len(replies)
@@ -233,6 +304,27 @@ class RingClient:
             f"{'; ' + detail if detail else ''}. The request may still be applied once "
             f"enough members are back: retry it with RingClient.resubmit(err.request) "
             f"(it is applied at most once).", request=req, errors=dict(errors))
+
+    def _whole(self, j: int, rep: list, sigs: list, alone):
+        """The outcome a member's answer with a whole certificate proves by
+        itself (module docstring), or None."""
+        ring = self.ring
+        status, body, detail, share = rep
+        if type(body) is not bytes or type(share) is not bytes:
+            return None
+        try:
+            cb = CertBody.decode(body)
+            if not alone(status, cb):
+                return None
+            signatures = {ring.members[k].id: s for k, s in enumerate(sigs[:ring.n]) if s}
+            signatures[ring.members[j].id] = share
+            cert = Certificate(cb, signatures)
+            verify(cert, ring)
+        except BadCertificate as e:
+            log.warning("member %s answered with a bad certificate: %s",
+                        short(ring.members[j].id), e)
+            return None
+        return status, cert, detail or ""
 
     def _evaluate(self, replies: dict[int, tuple]):
         ring = self.ring

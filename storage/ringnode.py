@@ -16,7 +16,7 @@ configuration (descriptor, key, not a member, or no longer one after a
 reconfiguration), 3 ring store failure.
 ``--byzantine FAULT[,FAULT]`` makes it a faulty member (tests only; see
 ``storage.ring_byzantine``); ``--profile FILE`` writes a pyinstrument text
-profile there on exit.
+profile there on exit, ``--cpu-profile FILE`` a cProfile of CPU time.
 """
 
 from __future__ import annotations
@@ -58,11 +58,18 @@ def parse_args(argv):
     p.add_argument("--checkpoint", type=int, default=128, help="checkpoint interval K")
     p.add_argument("--batch", type=int, default=64, help="requests per batch at most")
     p.add_argument("--pipeline", type=int, default=2, help="batches in flight at the primary")
-    p.add_argument("--no-sync", action="store_true", help="no fsync per commit (unsafe)")
+    p.add_argument("--no-tentative", action="store_true",
+                   help="execute batches only once decided (no tentative execution)")
+    p.add_argument("--commit-delay", type=float, default=0.05,
+                   help="seconds the primary holds a COMMITTED for the next frame")
+    p.add_argument("--no-sync", action="store_true",
+                   help="never fsync, not even executed state (unsafe)")
     p.add_argument("--commit-thread", action="store_true",
                    help="commit LMDB in a worker thread (default: on the trio thread; the "
                         "hand-off costs more CPU than it saves unless cores are idle)")
     p.add_argument("--profile", type=Path, help="write a pyinstrument profile here on exit")
+    p.add_argument("--cpu-profile", type=Path,
+                   help="write a cProfile (CPU time) of the member here on exit")
     p.add_argument("--log-level", default="WARNING")
     return p.parse_args(argv)
 
@@ -73,6 +80,7 @@ async def serve(args, identity: Identity, ring: RingDescriptor) -> None:
     store = RingStore(args.data / "ring", sync=not args.no_sync, threaded=args.commit_thread)
     cfg = PbftConfig(checkpoint_interval=args.checkpoint, window=2 * args.checkpoint,
                      batch_max=args.batch, pipeline=args.pipeline,
+                     tentative=not args.no_tentative, commit_delay=args.commit_delay,
                      request_timeout=args.request_timeout,
                      view_change_timeout=args.view_change_timeout)
     faults = [f for f in args.byzantine.split(",") if f]
@@ -119,11 +127,16 @@ def main(argv=None) -> int:
     except (IdentityError, BadDescriptor, OSError) as e:
         print(f"ringnode: {e}", file=sys.stderr)
         return 2
-    profiler = None
+    profiler = cprofiler = None
     if args.profile:
         from pyinstrument import Profiler
         profiler = Profiler(interval=0.005, async_mode="disabled")
         profiler.start()
+    if args.cpu_profile:
+        import cProfile
+        import time
+        cprofiler = cProfile.Profile(time.process_time)
+        cprofiler.enable()
     try:
         trio.run(serve, args, identity, ring)
     except (NotAMember, BadDescriptor) as e:
@@ -143,6 +156,9 @@ def main(argv=None) -> int:
         if profiler is not None:
             profiler.stop()
             args.profile.write_text(profiler.output_text(unicode=False, color=False))
+        if cprofiler is not None:
+            cprofiler.disable()
+            cprofiler.dump_stats(args.cpu_profile)
     return 0
 
 

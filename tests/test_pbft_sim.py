@@ -81,9 +81,13 @@ async def test_normal_case_certifies_and_all_members_agree(make_ring, autojump_c
     ledger = Ledger(ring)
     cert = ledger.add(await owner.create(b"doc", v(1)))
     assert (cert.seq, cert.vguid, cert.prev) == (1, v(1), None)
+    sent = owner.transport.stats.sent
+    before = sent["pbft.req"]
     for k in range(2, 30):
         cert = ledger.add(await owner.update(cert.aguid, v(k), expect_seq=cert.seq))
         assert cert.prev == v(k - 1) and cert.seq == k
+    # The primary answered each with a whole certificate: one request each.
+    assert sent["pbft.req"] - before == 28
     latest = await owner.latest(cert.aguid)
     assert latest.seq == 29 and latest.vguid == v(29)
     assert (await owner.read(cert.aguid)).vguid == v(29)
@@ -373,3 +377,138 @@ async def test_only_the_owner_reconfigures(make_ring, autojump_clock):
         await other.reconfigure(nxt.signed(ring.owner))
     with pytest.raises(BadRequest):       # unsigned by the owner: refused as malformed
         await ring.owner_client().reconfigure(nxt)
+
+
+# ---------------------------------------------------------------- tentative execution
+
+# The primary holds its COMMITTED relays (ring_execution) for ever unless a
+# new PRE-PREPARE carries them: backups keep the last batch tentative.
+HOLD = PbftConfig(checkpoint_interval=8, window=16, request_timeout=1.0,
+                  view_change_timeout=1.0, max_backoff=2, catchup_interval=0.5,
+                  commit_delay=10_000.0)
+
+
+def stored_state(r) -> tuple:
+    """What a member's store says, next to what it holds in memory."""
+    import msgpack
+    exec_seq = msgpack.unpackb(r.store.get("meta", b"exec"))[0]
+    objects = dict(r.store.items("objects"))
+    return exec_seq, objects
+
+
+async def test_tentative_execution_is_taken_back_exactly(make_ring, autojump_clock):
+    ring = await make_ring(config=HOLD)
+    owner = ring.owner_client()
+    cert = await owner.create(b"doc", v(1))
+    for k in range(2, 5):
+        cert = await owner.update(cert.aguid, v(k), expect_seq=cert.seq)
+    r0, r1 = ring.replica(0), ring.replica(1)
+    r0._release_committed()
+    await trio.sleep(0.5)
+    assert r1.exec_seq == r1.committed_seq == 4
+    before = (r1._snapshot_bytes(), stored_state(r1))
+    cert = await owner.update(cert.aguid, v(5), expect_seq=cert.seq)   # certified ...
+    assert cert.seq == 5 and r1.exec_seq == 5 and r1.committed_seq == 4   # ... tentatively
+    assert r1.app.objects[cert.aguid].seq == 5
+    r1._rollback()
+    assert (r1._snapshot_bytes(), stored_state(r1)) == before
+    assert r1.exec_seq == 4 and r1.app.objects[cert.aguid].seq == 4
+    assert r1.result_of(owner.me.public_key, owner._last_rid) is None
+    assert not r1.store.items("undo")
+    r0._release_committed()          # the decision arrives: it runs again, for good
+    await trio.sleep(0.5)
+    assert r1.committed_seq == 5 and same_state(ring, range(4))
+    assert r1.stats["rollbacks"] == 1
+
+
+async def test_view_change_takes_back_tentative_executions(make_ring, autojump_clock):
+    ring = await make_ring(config=HOLD)
+    owner = ring.owner_client()
+    ledger = Ledger(ring)
+    cert = ledger.add(await owner.create(b"doc", v(1)))
+    for k in range(2, 6):
+        cert = ledger.add(await owner.update(cert.aguid, v(k), expect_seq=cert.seq))
+    assert all(ring.replica(k).exec_seq > ring.replica(k).committed_seq for k in (1, 2, 3))
+    await ring.crash(0)              # the primary: its decision of seq 5 dies with it
+    for k in range(6, 9):
+        cert = ledger.add(await owner.update(cert.aguid, v(k), expect_seq=cert.seq))
+    assert cert.seq == 8
+    assert all(ring.replica(k).stats["rollbacks"] >= 1 for k in (1, 2, 3))
+    await trio.sleep(2)
+    assert same_state(ring, (1, 2, 3))
+    got = await owner.read(cert.aguid)          # seq 5 survived, as certified
+    assert (got.seq, got.vguid) == (8, v(8))
+
+
+async def test_restart_takes_back_tentative_executions(make_ring, autojump_clock):
+    ring = await make_ring(config=HOLD)
+    owner = ring.owner_client()
+    cert = await owner.create(b"doc", v(1))
+    for k in range(2, 5):
+        cert = await owner.update(cert.aguid, v(k), expect_seq=cert.seq)
+    r2 = ring.replica(2)
+    assert (r2.exec_seq, r2.committed_seq) == (4, 3)
+    await ring.crash(2)
+    await ring.restart(2)
+    r2 = ring.replica(2)
+    # Recovery took seq 4 back (S4), then ran it again, tentatively, from
+    # its prepared certificate: once, not on top of the first run.
+    assert (r2.exec_seq, r2.committed_seq) == (4, 3)
+    assert r2.app.objects[cert.aguid].seq == 4 and same_state(ring, (1, 2, 3))
+    for k in range(5, 8):
+        cert = await owner.update(cert.aguid, v(k), expect_seq=cert.seq)
+    ring.replica(0)._release_committed()
+    await trio.sleep(2)
+    assert same_state(ring, range(4)) and ring.replica(2).committed_seq == 7
+
+
+async def test_member_mute_after_machine_crash(make_ring, autojump_clock, monkeypatch):
+    """A member whose store says the machine crashed under it (un-fsynced
+    commits may be lost) sends no agreement messages in that view, and
+    takes part again from the next one."""
+    from storage import ring_store
+    ring = await make_ring()
+    owner = ring.owner_client()
+    cert = await owner.create(b"doc", v(1))
+    await ring.crash(2)
+    # Its store was open when the machine went down (no clean close), and
+    # the machine booted again since.
+    st = ring_store.RingStore(ring.dir / f"member-{ring.ids[2].id[:6].hex()}", sync=False,
+                              threaded=False)
+    st.env.close()
+    monkeypatch.setattr(ring_store, "boot_id", lambda: b"another boot")
+    sent = []
+    await ring.restart(2)
+    r2 = ring.replica(2)
+    assert r2.mute_view == 0
+    route = r2._route
+    r2._route = lambda to, m: (sent.append(m["t"]), route(to, m))
+    for k in range(2, 5):
+        cert = await owner.update(cert.aguid, v(k), expect_seq=cert.seq)
+    await trio.sleep(1)
+    assert not {"p", "c"} & set(sent) and r2.committed_seq == 4
+    await ring.crash(0)              # a view change: member 2 speaks again
+    for k in range(5, 8):
+        cert = await owner.update(cert.aguid, v(k), expect_seq=cert.seq)
+    assert r2.view >= 1 and {"p", "c"} & set(sent)
+
+
+async def test_lost_messages_are_sent_again(nursery, tmp_path, autojump_clock):
+    """One message in ten lost, frames and replies alike: the primary sends
+    again what stalls, members catch up on what they missed, and no two
+    clients ever see different certificates for one seq."""
+    ring = SimRing(SimNetwork(seed=SEED, loss=0.1), tmp_path, config=CONFIG)
+    await ring.start(nursery)
+    owner = ring.owner_client(deadline=30.0)
+    writers = [ring.client(deadline=30.0) for _ in range(2)]
+    ledger = Ledger(ring)
+    base = ledger.add(await owner.create(b"doc", v(1), writers=[w.me.public_key for w in
+                                                                   writers]))
+    results: list = []
+    async with trio.open_nursery() as n:
+        for k, w in enumerate(writers):
+            n.start_soon(update_loop, w, ledger, base.aguid, k + 1, 5, results)
+    assert sorted(c.seq for c in results) == list(range(2, 12))
+    ring.net.set_loss(0.0)
+    await trio.sleep(5)
+    assert same_state(ring, range(4))

@@ -59,6 +59,40 @@ def test_prepared_certificate_checks():
         M.check_prepared(CTX, not_primary, ps)
 
 
+def test_relayed_votes_are_checked_as_far_as_needed():
+    """PREPARED/COMMITTED relay backups' signed votes: a member accepts them
+    only for the right (view, seq, digest), from distinct backups, validly
+    signed; it checks only as many as it needs, and a signature it already
+    knows is trusted only under the very fields it was checked with."""
+    pp, _ = prepared(0, 1, batch(1))
+    key = (0, 1, pp["d"])
+    cs = [M.commit(CTX, IDS[i], i, 0, 1, pp["d"]) for i in (1, 2, 3)]
+    assert M.check_votes(CTX, cs, key, 0, 2) == cs[:2]
+    with pytest.raises(BadMessage):                      # too few
+        M.check_votes(CTX, cs[:1], key, 0, 2)
+    with pytest.raises(BadMessage):                      # one backup twice
+        M.check_votes(CTX, [cs[0], cs[0]], key, 0, 2)
+    with pytest.raises(BadMessage):                      # the primary's is implied, not relayed
+        M.check_votes(CTX, [M.commit(CTX, IDS[0], 0, 0, 1, pp["d"])] + cs[:2], key, 0, 2)
+    with pytest.raises(BadMessage):                      # for another seq
+        M.check_votes(CTX, [M.commit(CTX, IDS[1], 1, 0, 2, pp["d"])] + cs[1:], key, 0, 2)
+    forged = dict(cs[1], s=IDS[0].sign(b"x"))
+    with pytest.raises(BadMessage):                      # a bad signature, when needed
+        M.check_votes(CTX, [cs[0], forged], key, 0, 2)
+    assert M.check_votes(CTX, [cs[0], cs[2], forged], key, 0, 2) == [cs[0], cs[2]]
+    # Known votes need no check, but "known" means these fields and this
+    # signature: member 1's signature moved onto another digest is checked.
+    known = {(c["t"], c["v"], c["n"], c["d"], c["i"], c["s"]) for c in cs}
+
+    def is_known(m):
+        return (m["t"], m["v"], m["n"], m["d"], m["i"], m["s"]) in known
+
+    moved = dict(cs[0], d=guid(b"another batch"))
+    with pytest.raises(BadMessage):
+        M.check_votes(CTX, [moved, dict(cs[1], d=moved["d"])], (0, 1, moved["d"]), 0, 2,
+                      is_known)
+
+
 def test_checkpoint_proofs():
     d = guid(b"state at 8")
     proof = [M.checkpoint(CTX, IDS[i], i, 8, d) for i in range(3)]

@@ -9,7 +9,7 @@ import trio
 from overlay.wire.tls import TlsTransport
 from overlay.wire.transport import Peer
 from storage.ring import STATUS
-from storage.ring_errors import RingUnavailable
+from storage.ring_errors import Conflict, RingUnavailable
 from storage.ring_local import LocalRing
 from storage.ringclient import RingClient
 
@@ -123,3 +123,30 @@ def test_ringnode_refuses_bad_configuration(tmp_path):
                             "--ring", str(tmp_path / ring_file)],
                            capture_output=True, text=True, timeout=60)
         assert p.returncode == 2 and expect in p.stderr and "Traceback" not in p.stderr
+
+
+async def test_two_stopped_then_continued_resume(ring, client):
+    """Two members stopped (SIGSTOP) while requests and protocol frames are
+    queued to them: no quorum, a clear error; once they run again, frames
+    and answers that arrive too late are made up for and the ring goes on."""
+    cert = await client.create(b"doc", v(1))
+    for k in range(2, 5):
+        cert = await client.update(cert.aguid, v(k), expect_seq=cert.seq)
+    ring.pause(0)
+    ring.pause(1)
+    try:
+        short = RingClient(client.transport, ring.ring, ring.owner, attempt_timeout=1.0,
+                           deadline=4.0)
+        with pytest.raises(RingUnavailable):
+            await short.update(cert.aguid, v(5), expect_seq=cert.seq)
+    finally:
+        ring.resume(0)
+        ring.resume(1)
+    for k in range(5, 10):
+        try:
+            cert = await client.update(cert.aguid, v(k), expect_seq=cert.seq)
+        except Conflict as e:             # the stopped attempt made it in after all
+            cert = e.current
+    assert cert.seq >= 8
+    got = await wait_caught_up(client, 0, (1, 2, 3))
+    assert got["exec"] == (await status(client, 3))["exec"]
