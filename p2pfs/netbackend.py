@@ -31,6 +31,7 @@ Layout of a network volume directory (written by :func:`mkfs_network` or
                   for each writer)
     ring.json     the inner ring's descriptor, signed by the volume owner
     heads/        LMDB: this writer's own newest log-head (and, ringless, all)
+    quarantine.json  what ``p2pfs fsck --repair`` found untrustworthy (if any)
     lock          flock'ed while a process has the volume attached
 """
 
