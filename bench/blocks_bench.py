@@ -25,9 +25,16 @@ processes together during the phase (the machine has 2 cores, shared by all).
     .venv/bin/python bench/blocks_bench.py                      # Markdown on stdout
     .venv/bin/python bench/blocks_bench.py --out bench/results/blocks
     .venv/bin/python bench/blocks_bench.py --profile DIR        # pyinstrument, client + nodes
+    .venv/bin/python bench/blocks_bench.py --py-spy /path/to/py-spy --spy-dir DIR
+    .venv/bin/python bench/blocks_bench.py --compare BEFORE.json --out bench/results/blocks
 
-``--out`` keeps the hand-written "Where the time goes" section of an
-existing ``.md``, replacing only the figures above it.
+``--py-spy`` samples the client and every node during each phase (collapsed
+stacks, ``DIR/<phase>-<process>.txt``, all threads, GIL or not): the
+figures of such a run are perturbed, read them for where the time goes only.
+``--compare`` puts the figures of an earlier run (its ``--out`` JSON, for
+example of the code before a change, run just before on the same machine)
+beside this one's. ``--out`` keeps the hand-written "Where the time goes"
+section of an existing ``.md``, replacing only the figures above it.
 """
 
 from __future__ import annotations
@@ -35,8 +42,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 
 import trio  # noqa: E402
 
-from bench.common import machine_info, machine_markdown, progress  # noqa: E402
+from bench.common import load_average, machine_info, machine_markdown, progress  # noqa: E402
 from overlay.wire.ids import Identity  # noqa: E402
 from overlay.wire.tls import TlsTransport  # noqa: E402
 from overlay.wire.transport import Peer  # noqa: E402
@@ -81,12 +91,19 @@ def self_cpu() -> float:
 
 
 class Phase:
-    """Wall time and CPU (client, nodes) of one phase."""
+    """Wall time and CPU (client, nodes) of one phase; with ``spy`` (a
+    :class:`Spy`), sampled by py-spy meanwhile under the name ``name``."""
 
-    def __init__(self, pids: list[int]):
+    spy: "Spy | None" = None   # set by main() for a --py-spy run
+
+    def __init__(self, pids: list[int], name: str = ""):
         self.pids = pids
+        self.name = name
+        self._spies: list[subprocess.Popen] = []
 
     def __enter__(self):
+        if self.spy is not None and self.name:
+            self._spies = self.spy.start(self.pids, self.name)
         self.t0, self.c0, self.n0 = time.perf_counter(), self_cpu(), proc_cpu(self.pids)
         return self
 
@@ -94,6 +111,38 @@ class Phase:
         self.seconds = time.perf_counter() - self.t0
         self.client_cpu = self_cpu() - self.c0
         self.nodes_cpu = proc_cpu(self.pids) - self.n0
+        if self._spies:
+            self.spy.stop(self._spies)
+
+
+class Spy:
+    """py-spy recorders attached to this process and the nodes for a phase."""
+
+    def __init__(self, exe: str, out: Path, rate: int = 100):
+        self.exe, self.out, self.rate = exe, out, rate
+        out.mkdir(parents=True, exist_ok=True)
+
+    def start(self, pids: list[int], name: str) -> list[subprocess.Popen]:
+        tag = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        procs = []
+        for label, pid in [("client", os.getpid())] + [(f"node{i}", p) for i, p in enumerate(pids)]:
+            procs.append(subprocess.Popen(
+                [self.exe, "record", "--pid", str(pid), "--format", "raw", "--nonblocking",
+                 "--rate", str(self.rate), "-o", str(self.out / f"{tag}-{label}.txt")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(1.0)   # attached before the phase starts
+        return procs
+
+    @staticmethod
+    def stop(procs: list[subprocess.Popen]) -> None:
+        for p in procs:
+            p.send_signal(signal.SIGINT)   # py-spy writes its file and exits
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
 
 
 def row(name: str, nbytes: int, ph: Phase, **extra) -> dict:
@@ -171,19 +220,19 @@ async def run(args, cluster: LocalCluster, profiler) -> dict:
             # 1. single blocks, one in flight
             singles = [os.urandom(MAX_BLOCK) for _ in range(args.singles)]
             progress("blocks", f"{args.singles} single puts")
-            with Phase(pids) as ph:
+            with Phase(pids, "single put") as ph:
                 sg = [await rb.put(Kind.DATA, p) for p in singles]
             written += sg
             results.append(row("put, single 64 KiB blocks", len(singles) * MAX_BLOCK, ph,
                                ops_per_s=round(len(singles) / ph.seconds, 1)))
-            with Phase(pids) as ph:
+            with Phase(pids, "single publish") as ph:
                 await drain_publishing(cluster)
             results.append({"phase": "holders publish the single blocks in the DOLR "
                                      "(after the puts)",
                             "seconds": round(ph.seconds, 2), "blocks": len(singles),
                             "nodes_cpu_s": round(ph.nodes_cpu, 2)})
             progress("blocks", f"{args.singles} single gets")
-            with Phase(pids) as ph:
+            with Phase(pids, "single get") as ph:
                 got = [await rb.get(g, Kind.DATA) for g in sg]
             assert got == singles, "single gets returned wrong data"
             results.append(row("get, single 64 KiB blocks", len(singles) * MAX_BLOCK, ph,
@@ -196,21 +245,21 @@ async def run(args, cluster: LocalCluster, profiler) -> dict:
             for rep in range(args.repeat):
                 stream = [os.urandom(MAX_BLOCK) for _ in range(n)]
                 progress("blocks", f"stream put of {args.stream_mib} MiB ({rep + 1}/{args.repeat})")
-                with Phase(pids) as ph:
+                with Phase(pids, f"stream put {rep}") as ph:
                     bg = await rb.put_many([(Kind.DATA, p) for p in stream])
                 puts.append(row(f"put_many, {args.stream_mib} MiB stream", n * MAX_BLOCK, ph))
                 written += bg
                 # Holders publish in the background once the stream pauses
                 # (storage.maintenance): measured apart, so gets are not charged.
                 progress("blocks", "waiting for the holders to publish the stream")
-                with Phase(pids) as ph:
+                with Phase(pids, f"stream publish {rep}") as ph:
                     await drain_publishing(cluster)
                 pubs.append({"phase": f"holders publish the {args.stream_mib} MiB stream "
                                       f"in the DOLR (after the put)",
                              "seconds": round(ph.seconds, 2), "blocks": n,
                              "nodes_cpu_s": round(ph.nodes_cpu, 2)})
                 progress("blocks", f"stream get of {args.stream_mib} MiB")
-                with Phase(pids) as ph:
+                with Phase(pids, f"stream get {rep}") as ph:
                     back = await rb.get_many([(g, Kind.DATA) for g in bg])
                 assert back == stream, "stream get returned wrong data"
                 gets.append(row(f"get_many, {args.stream_mib} MiB stream", n * MAX_BLOCK, ph))
@@ -233,7 +282,7 @@ async def run(args, cluster: LocalCluster, profiler) -> dict:
                                    f"holder of {held} of {len(written)} blocks")
                 killed_at = time.perf_counter()
                 cluster.kill(victim)
-                with Phase(pids) as ph:
+                with Phase(pids, "restore") as ph:
                     while True:
                         copies = await count_copies(t, cluster, written)
                         short = sum(1 for g in written if copies[g] < 3)
@@ -259,24 +308,52 @@ async def run(args, cluster: LocalCluster, profiler) -> dict:
             "placement": dict(client.placement.stats)}
 
 
+def _phase_key(name: str) -> str:
+    return re.sub(r" \(.*\)$", "", name)   # the restore phase names its counts
+
+
+def _cell(r: dict | None, key: str) -> str:
+    return "" if r is None else str(r.get(key, ""))
+
+
 def markdown(result: dict, keep: str) -> str:
     cfg = result["config"]
+    before = result.get("before")
+    old = {_phase_key(r["phase"]): r for r in before["results"]} if before else {}
     lines = [
         "# Block layer benchmark: replicated puts and gets on loopback", "",
-        f"Produced by `.venv/bin/python bench/blocks_bench.py --out bench/results/blocks` "
+        f"Produced by `.venv/bin/python bench/blocks_bench.py --out bench/results/blocks"
+        + (" --compare BEFORE.json" if before else "") + "` "
         f"({cfg['nodes']} storage node processes + this client node, r = 3, "
         f"fsync {'on' if cfg['fsync'] else 'off'}, periodic repair every "
         f"{cfg['repair_interval'] or DEFAULT_INTERVAL:g} s plus a pass when a neighbour fails).",
         "", machine_markdown(result["machine"]), "",
-        "| phase | MB/s of user data | ops/s | seconds | client CPU s | nodes CPU s |",
-        "|---|---:|---:|---:|---:|---:|",
     ]
+    if before:
+        m = before["machine"]
+        end = f", {m['load_after']} at the end" if m.get("load_after") else ""
+        lines += [f"Each cell: before / after. Before: the same benchmark on git {m.get('git')}, "
+                  f"started {m.get('date')}, load average {m.get('load')} at the start{end}. "
+                  "After: this tree.", "",
+                  "| phase | MB/s of user data | ops/s | seconds | client CPU s | nodes CPU s |",
+                  "|---|---:|---:|---:|---:|---:|"]
+    else:
+        lines += ["| phase | MB/s of user data | ops/s | seconds | client CPU s | nodes CPU s |",
+                  "|---|---:|---:|---:|---:|---:|"]
     for r in result["results"]:
         name = r["phase"]
         if len(r.get("runs", ())) > 1:
             name += f" (median of {len(r['runs'])}: {', '.join(str(x) for x in r['runs'])})"
-        lines.append(f"| {name} | {r.get('mb_per_s', '')} | {r.get('ops_per_s', '')} | "
-                     f"{r['seconds']} | {r.get('client_cpu_s', '')} | {r.get('nodes_cpu_s', '')} |")
+        cells = [_cell(r, k) for k in ("mb_per_s", "ops_per_s", "seconds", "client_cpu_s",
+                                       "nodes_cpu_s")]
+        if before:
+            o = old.get(_phase_key(r["phase"]))
+            prev = [_cell(o, k) for k in ("mb_per_s", "ops_per_s", "seconds", "client_cpu_s",
+                                          "nodes_cpu_s")]
+            cells = [f"{p} / {c}" if p or c else "" for p, c in zip(prev, cells)]
+            if o is not None and len(o.get("runs", ())) > 1:
+                name += f"; before: {', '.join(str(x) for x in o['runs'])}"
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Targets (issue 4): put >= 50 MB/s and get >= 100 MB/s of user data.", ""]
     if keep:
         lines += [keep.rstrip(), ""]
@@ -315,10 +392,18 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=1200.0, help="give up after this long")
     p.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--profile", type=Path, help="write pyinstrument profiles here")
+    p.add_argument("--py-spy", metavar="EXE", help="sample every phase with this py-spy")
+    p.add_argument("--spy-dir", type=Path, default=Path("spy"),
+                   help="where --py-spy writes its collapsed stacks")
+    p.add_argument("--compare", type=Path, metavar="BEFORE.json",
+                   help="show the figures of this earlier result beside the new ones")
     p.add_argument("--out", type=Path, help="write OUT.md and OUT.json")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
+    before = json.loads(args.compare.read_text()) if args.compare else None
+    if args.py_spy:
+        Phase.spy = Spy(args.py_spy, args.spy_dir)
     info = machine_info()
     base = Path(tempfile.mkdtemp(prefix="blocks-bench-"))
     profiler = None
@@ -334,6 +419,7 @@ def main() -> int:
     finally:
         cluster.stop(grace=120 if args.profile else 20)
         shutil.rmtree(base, ignore_errors=True)
+    info["load_after"] = load_average()
     if profiler is not None:
         (args.profile / "client.html").write_text(profiler.output_html())
         (args.profile / "client.txt").write_text(profiler.output_text(unicode=True))
@@ -342,6 +428,8 @@ def main() -> int:
                                           "stream_mib": args.stream_mib,
                                           "repeat": args.repeat,
                                           "singles": args.singles}, **out}
+    if before is not None:
+        result["before"] = {"machine": before["machine"], "results": before["results"]}
     keep = ""
     if args.out:
         md = args.out.with_suffix(".md")

@@ -138,8 +138,9 @@ def _category(path: str, cls: str | None, fn: str) -> str:
     if "/cryptography/" in path or (builtin and cls in ("SSLContext", "_SSLContext")) or (
             builtin and fn == "do_handshake"):
         return "connection setup: TLS handshake, certificates, Ed25519"
-    if (builtin and cls in ("_SSLSocket", "MemoryBIO")) or path.endswith(("/ssl.py", "/_ssl.py")):
-        return "TLS records: OpenSSL crypto + trio.SSLStream"
+    if ((builtin and cls in ("_SSLSocket", "MemoryBIO")) or path.endswith(("/ssl.py", "/_ssl.py"))
+            or path.endswith("overlay/wire/tls_stream.py")):
+        return "TLS records: OpenSSL crypto + tls_stream.py"
     if "/msgpack/" in path or path.endswith("overlay/wire/frames.py"):
         return "frames: msgpack, schema checks, FrameBuffer"
     if "overlay/wire/" in path:

@@ -22,7 +22,7 @@ import time
 import trio
 
 from . import messages as m
-from .errors import DeliveryError, NoRoute, ObjectNotFound
+from .errors import DeliveryError, NoRoute, NotRunning, ObjectNotFound
 from .routing import RouteResult, check_app_body
 from .wire import frames
 from .wire.ids import short
@@ -37,14 +37,40 @@ class DolrAPI:
         # the epochs its earlier run left in tombstones.
         return max(self._next_epoch.get(obj, 0), time.time_ns() // 1_000_000)
 
-    async def publish(self, obj: bytes) -> list[Peer]:
+    async def publish(self, obj: bytes, *, confirm: bool = True) -> list[Peer]:
         """Publish that we hold ``obj``: route toward each salted root, leaving
         pointers on the way. Returns the roots that acknowledged (the object
-        stays published, and is republished, even if some did not)."""
+        stays published, and is republished, even if some did not).
+
+        ``confirm=False`` returns once the first hop of each salted route has
+        taken the message, and asks for no result from the roots: half the
+        messages of a publish in a small network (a hop, not a hop and a
+        result). Nothing then reports a route that fails further on; the
+        periodic republish (soft state) repairs it. Returns []."""
         epoch = self.published.get(obj)
         if epoch is None:
             epoch = self.published[obj] = self._epoch(obj)
+        if not confirm:
+            await self._publish_unconfirmed(obj, epoch)
+            return []
         return await self._publish_all(obj, epoch, wait=True)
+
+    async def _publish_unconfirmed(self, obj: bytes, epoch: int) -> None:
+        # Each salted route runs its first step here (this node's pointer,
+        # the hand-off to the next hop) rather than in a spawned task, so a
+        # caller publishing many objects is paced by its next hops.
+        if not self.running:
+            raise NotRunning(f"node {short(self.id)} is not running")
+        holder = m.peer_body(self.peer)
+
+        async def one(i: int) -> None:
+            msg = self.router.message("publish", m.salted(obj, i), obj=obj, holder=holder,
+                                      epoch=epoch)
+            await self.router.step(msg, None)
+
+        async with trio.open_nursery() as n:
+            for i in range(self.config.salts):
+                n.start_soon(one, i)
 
     async def _publish_all(self, obj: bytes, epoch: int, *, wait: bool) -> list[Peer]:
         roots: list[Peer] = []

@@ -14,7 +14,11 @@ Publishing yields to the data path: a publish is a routed message per salt,
 several RPCs per block, which on a busy node costs more CPU than storing the
 block. So while blocks keep arriving (one stored in the last ``BUSY``
 second) the keeper publishes at a trickle (``TRICKLE`` per second), and at
-full speed once the stream pauses. Nothing waits for a pointer meanwhile:
+full speed once the stream pauses. Publishes are unconfirmed
+(``DolrAPI.publish(confirm=False)``): one is done once each salted route's
+first hop took it, and the roots send no result back, which halves the
+messages; a route lost on the way is repaired by the overlay's periodic
+republish. Nothing waits for a pointer meanwhile:
 writers are done once the copies are stored, and readers fall back to the
 placement roots, which are where the pointers would lead
 (``storage.replication``).
@@ -204,7 +208,9 @@ class ReplicaKeeper:
         self._inflight += 1
         try:
             self.published.add(g)
-            await self.node.publish(g)
+            # Unconfirmed (``DolrAPI.publish``): half the messages, and a
+            # route lost further on is repaired by the periodic republish.
+            await self.node.publish(g, confirm=False)
             self.stats["published"] += 1
         except OverlayError as e:
             log.info("publish of block %s: %s", short(g), e)

@@ -43,7 +43,12 @@ an entry wrong before it expires; the cost is a replica placed at the old
 root, which the DOLR still finds and the repair completes at the new one.
 A salt whose lookup fails is skipped, and the failure is remembered for
 ``negative_ttl`` under the longest prefix length seen, so that a dead root
-does not cost one failing route per block.
+does not cost one failing route per block. A lookup that arrives at a node
+that is not the root by its own table (the route went around a suspect
+root, answered with depth 64) counts as failed too: otherwise each block's
+salts in the dead root's part of the space cost a lookup of their own, each
+routed around the dead slot (a storm of thousands of routes after a holder
+died, which slowed its repair several times).
 """
 
 from __future__ import annotations
@@ -125,7 +130,8 @@ class Placement:
     async def _on_where(self, sender: bytes, body: dict) -> dict:
         table = self.node.table
         # The prefix argument holds only if our own table makes us the root;
-        # if a route ended here while it does not, vouch for this GUID alone.
+        # if a route ended here while it does not (it went around a suspect
+        # root), say so with 64: the asker counts that root unreachable.
         depth = table.depth if table.is_root(body["g"]) else 64
         return {"id": self.node.id, "addr": self.node.peer.addr, "depth": depth,
                 "stores": self.stores}
@@ -201,16 +207,35 @@ class Placement:
                 # service ("unsupported"): it will never store, skip its salt.
                 self.stats["lookup_failures"] += 1
                 log.debug("no root for %s: %s", short(target), e)
-                # Under the prefix length the positive answers use (64 marks
-                # a single-GUID answer, no guide to the shape of the space).
-                guess = max((n for n in self._lengths if n < 64), default=1) or 1
-                self._put(target.hex()[:guess], _UNREACHABLE, self.negative_ttl)
-                return _UNREACHABLE
+                return self._unreachable(target)
+            if rep["depth"] >= 64:
+                # The route ended at a node that is not the root by its own
+                # table: it went around the root's slot, whose node is
+                # suspect (dead, not dropped yet). The root is unreachable,
+                # as if the route had failed; taking the detour's end instead
+                # would cost one lookup per block in that part of the space
+                # (nothing to cache it under) and place copies off the rule.
+                self.stats["detour_answers"] += 1
+                return self._unreachable(target)
             root, depth = Root(Peer(rep["id"], rep["addr"]), rep["stores"]), rep["depth"]
             if not root.stores:
                 self.nonstoring.add(root.peer.id)
         self._put(target.hex()[:depth], root, self.ttl)
         return root
+
+    def _unreachable(self, target: bytes) -> Root:
+        """Remember for ``negative_ttl`` that ``target``'s root cannot be
+        reached, under the prefix of the part of the space our own table
+        sends to a suspect node, when it does (all of it is cut off alike);
+        else under the prefix length the positive answers use (a single-GUID
+        answer, 64, is no guide to the shape of the space)."""
+        hop = self.node.table.next_hop(target, 0)
+        if hop is not None and all(n.suspect_since is not None for n in hop[1]):
+            length = hop[0] + 1
+        else:
+            length = max((n for n in self._lengths if n < 64), default=1) or 1
+        self._put(target.hex()[:length], _UNREACHABLE, self.negative_ttl)
+        return _UNREACHABLE
 
     async def roots(self, targets: Iterable[bytes]) -> dict[bytes, Root]:
         """The root of each target GUID (``Root(None, False)`` when it cannot

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from storage.blockstore import (
+    _Gate,
     STAMP_BYTES,
     TOMBSTONE_BYTES,
     AsyncBlockStore,
@@ -250,41 +251,137 @@ def test_map_grows_and_never_raises_map_full(path):
         assert all(s.get(g) == d for g, d in held)
 
 
+class TightReaders:
+    """Threads reading the same blocks back to back, with no pause, until
+    stopped or until each has done ``budget`` passes. A writer that finishes
+    while they still run was not starved by them; with the starvation this
+    guards against, a writer could only finish once the budget ran out."""
+
+    def __init__(self, store, seed, n=3, budget=50_000):
+        self.store, self.seed, self.budget = store, seed, budget
+        self.errors: list[BaseException] = []
+        self.exhausted = threading.Event()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run) for _ in range(n)]
+
+    def _run(self):
+        try:
+            for _ in range(self.budget):
+                if self.stop.is_set():
+                    return
+                for g, d in self.seed:
+                    assert self.store.get(g) == d
+            self.exhausted.set()
+        except Exception as e:  # noqa: BLE001 - reported by the test
+            self.errors.append(e)
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
 def test_concurrent_readers_while_the_map_grows(path):
+    # Readers never pause: the resize (and the abort of the map-full put
+    # before it) must not wait for a moment with no read in flight.
     with BlockStore(path, quota=1 << 30, map_size=1 << 20, sync=False) as s:
         seed = [blk(2000) for _ in range(20)]
         s.put_many(seed)
-        errors = []
-        stop = threading.Event()
-
-        def reader():
-            try:
-                while not stop.is_set():
-                    for g, d in seed:
-                        assert s.get(g) == d
-                    # Pause between passes: the resize waits for a moment with
-                    # no open read transaction, which back-to-back readers on a
-                    # loaded 2-core machine may never give (writer starvation,
-                    # noted for the store itself in the closing note).
-                    stop.wait(0.001)
-            except Exception as e:  # noqa: BLE001 - reported below
-                errors.append(e)
-
-        threads = [threading.Thread(target=reader) for _ in range(3)]
-        for t in threads:
-            t.start()
-        try:
+        with TightReaders(s, seed) as readers:
             for _ in range(60):
                 try:
                     s.put(*blk(60000))
                 except StoreFull:
                     break
-        finally:
-            stop.set()
-            for t in threads:
-                t.join()
-        assert not errors
+            starved = readers.exhausted.is_set()
+        assert not readers.errors
+        assert not starved, "the writer finished only after the readers stopped"
         assert s.stats().map_size > 1 << 20
+
+
+def test_refused_puts_are_not_starved_by_readers(path):
+    # A refused batch is aborted, and py-lmdb's abort of a write transaction
+    # drains every LMDB call of the process, like a resize does.
+    with BlockStore(path, quota=1 << 20, sync=False) as s:
+        seed = [blk(2000) for _ in range(20)]
+        s.put_many(seed)
+        tomb = blk(100)
+        s.put(*tomb)
+        s.delete(tomb[0])
+        with TightReaders(s, seed) as readers:
+            for _ in range(20):
+                with pytest.raises(StoreFull, match="quota"):
+                    s.put_many([blk(60000) for _ in range(20)])
+                with pytest.raises(BlockTombstoned):
+                    s.put(*tomb)
+            s.put(*blk(60000))  # and the store still takes what fits
+            starved = readers.exhausted.is_set()
+        assert not readers.errors
+        assert not starved, "the writer finished only after the readers stopped"
+
+
+def _until(cond):
+    """Wait for a condition set by another thread (a liveness wait, not a
+    timing assertion: it fails only if the condition never comes)."""
+    for _ in range(20_000):
+        if cond():
+            return
+        threading.Event().wait(0.001)
+    raise AssertionError("condition never came")
+
+
+def test_gate_queues_readers_behind_a_pending_quiet_section_and_admits_them_next():
+    gate = _Gate()
+    log = []
+    release_a, release_b, release_y = threading.Event(), threading.Event(), threading.Event()
+
+    def reader(name, release):
+        with gate.shared():
+            log.append(f"{name} in")
+            release.wait()
+        log.append(f"{name} out")
+
+    def quiet(name, release):
+        with gate.exclusive():
+            log.append(f"{name} in")
+            release.wait()
+        log.append(f"{name} out")
+
+    a = threading.Thread(target=reader, args=("A", release_a))
+    a.start()
+    _until(lambda: "A in" in log)
+    x_release = threading.Event()
+    x = threading.Thread(target=quiet, args=("X", x_release))
+    x.start()
+    _until(lambda: gate._closed)
+    # B arrives while X is pending: it queues instead of overtaking X.
+    b = threading.Thread(target=reader, args=("B", release_b))
+    b.start()
+    _until(lambda: gate._queued == 1)
+    assert log == ["A in"]
+    release_a.set()
+    _until(lambda: "X in" in log)
+    assert "B in" not in log
+    x_release.set()
+    x.join()
+    # B was admitted when X ended; a quiet section begun now waits for it.
+    y = threading.Thread(target=quiet, args=("Y", release_y))
+    y.start()
+    _until(lambda: "B in" in log)
+    _until(lambda: gate._closed)
+    assert "Y in" not in log
+    release_b.set()
+    _until(lambda: "Y in" in log)
+    release_y.set()
+    for t in (a, b, y):
+        t.join()
+    assert log.index("B out") < log.index("Y in")
+    assert gate._active == 0 and not gate._closed and gate._queued == 0
 
 
 # --------------------------------------------------------------------------

@@ -233,6 +233,36 @@ async def test_two_of_three_holders_crash_and_the_repair_restores_three(cluster,
     assert await reader.get_many([(b, Kind.DATA) for b in bguids]) == data
 
 
+async def test_roots_behind_a_dead_node_cost_a_lookup_per_prefix_not_per_block(cluster, autojump_clock):
+    # While a dead node is still in its neighbours' tables (as a suspect),
+    # routes toward its part of the ID space go around it and end at nodes
+    # that are not the root by their own table. Placement must count that
+    # root unreachable for a while (one negative entry per prefix), not look
+    # up every salt of every block there again: after a holder died, that
+    # was a storm of thousands of routes that slowed its repair many times.
+    nodes = await cluster.grow(8)
+    victim, asker = nodes[3], nodes[5]
+    cluster.net.refuse_when_down = True   # as a killed process: connections refused at once
+    cluster.crash(victim)
+    ids = sorted([*cluster.nodes, victim.id])
+    rnd = random.Random(7)
+    behind = []                           # GUIDs the dead node was the root of
+    while len(behind) < 60:
+        g = rnd.randbytes(32)
+        if global_root(g, ids) == victim.id:
+            behind.append(g)
+    asker.placement.clear()
+    found = await asker.placement.roots(behind)
+    st = asker.placement.stats
+    assert all(r.peer is None or r.peer.id != victim.id for r in found.values())
+    assert st["lookups"] <= 8, dict(st)
+    # Once the dead node is dropped, its part of the space has a new root.
+    await trio.sleep(90)
+    asker.placement.clear()
+    found = await asker.placement.roots(behind[:5])
+    assert all(r.peer is not None and r.peer.id != victim.id for r in found.values())
+
+
 async def test_a_full_holder_is_skipped_and_a_full_network_tells_the_writer(cluster, autojump_clock):
     await cluster.grow(6)
     tiny = await cluster.add(quota=40 << 10)      # room for a few 2 KiB blocks

@@ -29,6 +29,7 @@ schemas, so a bug in our own code fails loudly at the sender.
 from __future__ import annotations
 
 import struct
+from collections import deque
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -277,6 +278,15 @@ def encode(kind: Kind, msg_type: str, req_id: int, body: dict, *,
            max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
     """The bytes of one frame, length prefix included. The body is checked
     against its schema first: a ValueError here is a bug in our caller."""
+    prefix, payload = encode_parts(kind, msg_type, req_id, body, max_frame=max_frame)
+    return prefix + payload
+
+
+def encode_parts(kind: Kind, msg_type: str, req_id: int, body: dict, *,
+                 max_frame: int = DEFAULT_MAX_FRAME) -> tuple[bytes, bytes]:
+    """``encode`` as (length prefix, payload): sent one after the other they
+    are the same bytes, without copying a large payload once more to join
+    them (a transport that writes both in one send wants this)."""
     try:
         body_schema(kind, msg_type).check(body, msg_type)
     except FrameError as e:
@@ -287,7 +297,7 @@ def encode(kind: Kind, msg_type: str, req_id: int, body: dict, *,
     )
     if len(payload) > max_frame:
         raise ValueError(f"outgoing {msg_type} frame of {len(payload)} bytes exceeds {max_frame}")
-    return _LEN.pack(len(payload)) + payload
+    return _LEN.pack(len(payload)), payload
 
 
 def decode(payload: bytes) -> Frame:
@@ -326,34 +336,74 @@ def _no_ext(code, data):
 
 class FrameBuffer:
     """Splits a byte stream into frame payloads, refusing oversized lengths
-    before buffering their bodies."""
+    before buffering their bodies.
+
+    Chunks are kept as they arrive (``bytes`` as is, other buffers copied
+    once) and each payload is put together with a single copy, so a frame of
+    MiBs arriving in many reads costs one pass over its bytes."""
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME):
         self.max_frame = max_frame
-        self._buf = bytearray()
-        self._need = HEADER_BYTES  # bytes the next frame (or header) needs
+        self._chunks: deque[memoryview] = deque()
+        self._have = 0                   # bytes held in _chunks
+        self._size: int | None = None    # payload length, once the header is in
 
     def feed(self, data: bytes) -> list[bytes]:
-        self._buf += data
-        if len(self._buf) < self._need:  # a large frame arriving record by record
-            return []
+        if data:
+            if type(data) is not bytes:
+                data = bytes(data)  # the caller may reuse its buffer
+            self._chunks.append(memoryview(data))
+            self._have += len(data)
         out = []
-        while len(self._buf) >= HEADER_BYTES:
-            (n,) = _LEN.unpack_from(self._buf)
-            if n > self.max_frame:
-                raise FrameError(f"frame length {n} exceeds cap {self.max_frame}")
-            if n == 0:
-                raise FrameError("empty frame")
-            if len(self._buf) < HEADER_BYTES + n:
-                self._need = HEADER_BYTES + n
-                return out
-            with memoryview(self._buf) as mv:  # one copy out, not two
-                out.append(bytes(mv[HEADER_BYTES:HEADER_BYTES + n]))
-            del self._buf[:HEADER_BYTES + n]
-        self._need = HEADER_BYTES
+        while True:
+            if self._size is None:
+                if self._have < HEADER_BYTES:
+                    break
+                first = self._chunks[0]
+                if len(first) > HEADER_BYTES:
+                    (n,) = _LEN.unpack_from(first)
+                    self._chunks[0] = first[HEADER_BYTES:]
+                    self._have -= HEADER_BYTES
+                else:
+                    (n,) = _LEN.unpack(self._take(HEADER_BYTES))
+                if n > self.max_frame:
+                    raise FrameError(f"frame length {n} exceeds cap {self.max_frame}")
+                if n == 0:
+                    raise FrameError("empty frame")
+                self._size = n
+            if self._have < self._size:
+                break
+            out.append(self._take(self._size))
+            self._size = None
         return out
+
+    def _take(self, n: int) -> bytes:
+        """The next ``n`` held bytes (``n <= _have``) as one bytes object."""
+        self._have -= n
+        first = self._chunks[0]
+        if len(first) >= n:
+            if len(first) == n:
+                self._chunks.popleft()
+                whole = first.obj
+                if len(whole) == n:
+                    return whole  # a chunk that is exactly one payload: no copy
+            else:
+                self._chunks[0] = first[n:]
+            return first[:n].tobytes()
+        parts = []
+        while n:
+            c = self._chunks[0]
+            if len(c) <= n:
+                parts.append(c)
+                self._chunks.popleft()
+                n -= len(c)
+            else:
+                parts.append(c[:n])
+                self._chunks[0] = c[n:]
+                n = 0
+        return b"".join(parts)
 
     @property
     def pending(self) -> int:
         """Bytes received that do not yet form a whole frame."""
-        return len(self._buf)
+        return self._have + (HEADER_BYTES if self._size is not None else 0)

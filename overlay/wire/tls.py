@@ -6,7 +6,9 @@ requests, the side that accepted answers them. Setting one up is TCP, the
 TLS 1.3 handshake (the client checks that the server's certificate key hashes
 to the NodeID it asked for, ``certs.py``), then the client's NodeID proof
 (``handshake.py``). From then on the server passes the proven NodeID to its
-handler as ``sender`` for every request on that connection.
+handler as ``sender`` for every request on that connection. TLS itself is
+``tls_stream.TlsStream`` (why not ``trio.SSLStream``: there), which relies
+on the one-reader, one-writer discipline described below.
 
 Client side. One connection per peer NodeID, reused by all requests; the
 first requests to a peer share one connect. Requests carry ids and are
@@ -59,6 +61,7 @@ import trio
 from . import certs, frames, handshake
 from .frames import Frame, FrameBuffer, FrameError, Kind
 from .ids import Identity, short
+from .tls_stream import TlsStream
 from .transport import (
     DEFAULT_TIMEOUT,
     Handler,
@@ -75,10 +78,8 @@ from .transport import (
 
 log = logging.getLogger(__name__)
 
-# One read of the TLS stream returns at most one TLS record, 16 KiB of
-# plaintext (OpenSSL's SSL_read); asking for more only allocates more.
-RECEIVE_BYTES = 16 * 1024
-WRITE_BATCH_BYTES = 256 * 1024  # queued frames joined into one send up to this
+WRITE_BATCH_BYTES = 4 << 20     # queued frames taken into one send up to this
+JOIN_BYTES = 64 * 1024          # a batch smaller than this is joined into one write
 CLOSE_GRACE = 1.0               # seconds to send close_notify before dropping TCP
 
 
@@ -100,15 +101,17 @@ def format_address(host: str, port: int) -> str:
 
 class _Link:
     """A TLS stream carrying frames: the reading half splits and decodes, the
-    writing half is a bounded queue drained by the connection's writer task."""
+    writing half is a bounded queue drained by the connection's writer task
+    (the one task that sends once the handshake is done; ``tls_stream``)."""
 
-    def __init__(self, stream: trio.SSLStream, max_frame: int, queue: int, stats):
+    def __init__(self, stream: TlsStream, max_frame: int, queue: int, stats):
         self.stream = stream
         self.established = False   # TLS done: a graceful close is possible
         self.stats = stats
         self._buf = FrameBuffer(max_frame)
         self._payloads: deque[bytes] = deque()
-        self.out_send, self.out_recv = trio.open_memory_channel[bytes](queue)
+        # Items: a whole frame, or a frame in parts (frames.encode_parts).
+        self.out_send, self.out_recv = trio.open_memory_channel[bytes | tuple[bytes, ...]](queue)
         self.last_active = trio.current_time()
 
     async def recv(self) -> Frame | None:
@@ -117,7 +120,7 @@ class _Link:
         trio.BrokenResourceError when the connection is lost."""
         while not self._payloads:
             try:
-                data = await self.stream.receive_some(RECEIVE_BYTES)
+                data = await self.stream.receive_some()
             except trio.BrokenResourceError:
                 if self._buf.pending:
                     raise FrameError(
@@ -132,7 +135,17 @@ class _Link:
             self.stats.bytes_received += len(data)
             self.last_active = trio.current_time()
             self._payloads.extend(self._buf.feed(data))
+            if self.stream.output_pending:
+                self._nudge_writer()
         return frames.decode(self._payloads.popleft())
+
+    def _nudge_writer(self) -> None:
+        """Reading made TLS output (a post-handshake message): have the
+        writer send it (an empty item flushes; a full queue will anyway)."""
+        try:
+            self.out_send.send_nowait(b"")
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
 
     async def recv_handshake(self, step: str) -> Frame:
         frame = await self.recv()
@@ -146,16 +159,27 @@ class _Link:
         self.stats.bytes_sent += len(data)
 
     async def write_loop(self) -> None:
-        async for data in self.out_recv:
-            batch, size = [data], len(data)
-            while size < WRITE_BATCH_BYTES:
+        async for item in self.out_recv:
+            batch: list[bytes] = []
+            size = 0
+            while True:
+                if type(item) is tuple:
+                    batch += item
+                    size += sum(len(x) for x in item)
+                else:
+                    batch.append(item)
+                    size += len(item)
+                if size >= WRITE_BATCH_BYTES:
+                    break
                 try:
-                    data = self.out_recv.receive_nowait()
+                    item = self.out_recv.receive_nowait()
                 except trio.WouldBlock:
                     break
-                batch.append(data)
-                size += len(data)
-            await self.stream.send_all(batch[0] if len(batch) == 1 else b"".join(batch))
+            # Everything queued goes out in one socket send; small frames are
+            # joined first so that they share TLS records.
+            if size < JOIN_BYTES and len(batch) > 1:
+                batch = [b"".join(batch)]
+            await self.stream.send_all(*batch)
             self.stats.bytes_sent += size
             self.last_active = trio.current_time()
 
@@ -384,8 +408,8 @@ class TlsTransport(Transport):
                 conn.raise_failure()
                 req_id = conn.next_id
                 conn.next_id += 1
-                data = frames.encode(Kind.REQUEST, msg_type, req_id, body,
-                                     max_frame=self.max_frame)
+                data = frames.encode_parts(Kind.REQUEST, msg_type, req_id, body,
+                                           max_frame=self.max_frame)
                 slot = conn.pending[req_id] = _Pending(msg_type)
                 try:
                     await conn.link.out_send.send(data)
@@ -443,7 +467,7 @@ class TlsTransport(Transport):
             tcp = await trio.open_tcp_stream(host, port)
         except OSError as e:
             raise PeerUnreachable(f"cannot connect: {e.strerror or e}") from None
-        stream = trio.SSLStream(tcp, self._client_ctx, server_hostname=None)
+        stream = TlsStream(tcp, self._client_ctx, server_side=False)
         link = conn.link = _Link(stream, self.max_frame, self.max_inflight_per_peer, self.stats)
         try:
             await stream.do_handshake()
@@ -503,7 +527,7 @@ class TlsTransport(Transport):
             await self._finish(conn)
 
     async def _server_session(self, conn: _Conn, tcp: trio.SocketStream, remote: str) -> None:
-        stream = trio.SSLStream(tcp, self._server_ctx, server_side=True)
+        stream = TlsStream(tcp, self._server_ctx, server_side=True)
         link = conn.link = _Link(stream, self.max_frame, self.max_handlers_per_conn, self.stats)
         try:
             with trio.fail_after(self.handshake_timeout):
