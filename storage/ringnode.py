@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 from pathlib import Path
@@ -44,20 +45,51 @@ from .ring_store import RingStore, RingStoreError
 log = logging.getLogger("storage.ringnode")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {v}")
+    return v
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r} (seconds)") from None
+    if not 0 < v < math.inf:    # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number of seconds, "
+                                         f"not {text}")
+    return v
+
+
+def _listen(text: str) -> str:
+    try:
+        parse_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m storage.ringnode",
                                 description="Run one inner ring member.")
     p.add_argument("--data", required=True, type=Path, help="member directory (key, LMDB)")
     p.add_argument("--ring", type=Path, help="ring descriptor JSON (signed by the owner)")
-    p.add_argument("--listen", help="HOST:PORT to listen on (default: own descriptor address)")
+    p.add_argument("--listen", type=_listen, help="HOST:PORT to listen on (default: own descriptor address)")
     p.add_argument("--key", type=Path, help="key file (default DATA/node.key)")
     p.add_argument("--init", action="store_true", help="create the key, print it, exit")
     p.add_argument("--byzantine", default="", help=f"faults, comma-separated: {FAULTS}")
-    p.add_argument("--request-timeout", type=float, default=1.0)
-    p.add_argument("--view-change-timeout", type=float, default=1.0)
-    p.add_argument("--checkpoint", type=int, default=128, help="checkpoint interval K")
-    p.add_argument("--batch", type=int, default=64, help="requests per batch at most")
-    p.add_argument("--pipeline", type=int, default=2, help="batches in flight at the primary")
+    p.add_argument("--request-timeout", type=_seconds, default=1.0)
+    p.add_argument("--view-change-timeout", type=_seconds, default=1.0)
+    p.add_argument("--checkpoint", type=_positive_int, default=128,
+                   help="checkpoint interval K")
+    p.add_argument("--batch", type=_positive_int, default=64, help="requests per batch at most")
+    p.add_argument("--pipeline", type=_positive_int, default=2,
+                   help="batches in flight at the primary")
     p.add_argument("--no-tentative", action="store_true",
                    help="execute batches only once decided (no tentative execution)")
     p.add_argument("--commit-delay", type=float, default=0.05,
@@ -124,6 +156,10 @@ def main(argv=None) -> int:
         ring.verify_owner()
         if ring.member(identity.id) is None:
             raise BadDescriptor(f"key {key} is not a member of ring {ring.ring_id.hex()[:8]}")
+    except UnicodeDecodeError as e:
+        print(f"ringnode: {args.ring} is not a ring descriptor (not UTF-8 text: {e.reason})",
+              file=sys.stderr)
+        return 2
     except (IdentityError, BadDescriptor, OSError) as e:
         print(f"ringnode: {e}", file=sys.stderr)
         return 2

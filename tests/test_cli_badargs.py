@@ -233,22 +233,17 @@ CASES = [
     Case("ringnode-not-a-member", ringnode("--data", "{outsider}", "--ring", "{ring}"), 2,
          r"not a member"),
     Case("ringnode-ring-not-utf8", ringnode("--data", "{member}", "--ring", "{binary}"), 2,
-         r"ring",
-         bug="`python -m storage.ringnode --ring FILE` with FILE not UTF-8 dies with a "
-             "UnicodeDecodeError traceback: main() in storage/ringnode.py catches "
-             "(IdentityError, BadDescriptor, OSError) around args.ring.read_text()"),
+         r"ring"),
     Case("ringnode-listen-garbage", ringnode("--data", "{member}", "--ring", "{ring}",
-                                             "--listen", "nope"), 2, r"nope",
-         bug="`python -m storage.ringnode ... --listen nope` dies with a ValueError traceback "
-             "(not a host:port address) from parse_address inside trio.run "
-             "(storage/ringnode.py serve)"),
+                                             "--listen", "nope"), 2, r"nope"),
     Case("ringnode-checkpoint-zero", ringnode("--data", "{member}", "--ring", "{ring}",
                                               "--checkpoint", "0"), 2, r"checkpoint",
-         timeout=ACCEPT_TIMEOUT,
-         bug="`python -m storage.ringnode ... --checkpoint 0` (likewise --checkpoint -5, "
-             "--batch 0, --pipeline 0, --request-timeout -1, --view-change-timeout nan) is "
-             "accepted: the member starts and serves; storage/ringnode.py parse_args does "
-             "not range-check these"),
+         timeout=ACCEPT_TIMEOUT),
+    Case("ringnode-batch-zero", ringnode("--data", "{member}", "--ring", "{ring}",
+                                         "--batch", "0"), 2, r"batch"),
+    Case("ringnode-timeout-nan", ringnode("--data", "{member}", "--ring", "{ring}",
+                                          "--view-change-timeout", "nan"), 2,
+         r"view-change-timeout"),
 ]
 
 
