@@ -208,7 +208,7 @@ class P2pfsOperations(pyfuse3.Operations):
             except pyfuse3.FUSEError as e:
                 log.error("at unmount, buffered writes of inode %#x were lost: %s", w.ino,
                           os.strerror(e.errno))
-        await self.ns.sync()
+        await self.ns.close()      # synced, and certified if the ring answers
 
     async def _sync_loop(self) -> None:
         while True:

@@ -206,6 +206,11 @@ class HeadBoard(abc.ABC):
     async def fetch(self, writers: list[bytes]) -> dict[bytes, bytes]:
         """The newest encoded head of each writer that has one."""
 
+    async def settle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for work a board does in the background
+        after ``publish`` (certification); True when nothing is left."""
+        return True
+
 
 class MemoryHeadBoard(HeadBoard):
     """An in-process board for single-process tests: a dict of encoded heads.

@@ -37,6 +37,7 @@ an automatic commit of a large queue does).
 from __future__ import annotations
 
 import time
+import logging
 from collections import OrderedDict
 
 import trio
@@ -54,6 +55,8 @@ from .replica import LateRecord, Replica
 from .snapshots import SnapshotError, SnapshotInfo, SnapshotWriter, load_info, load_state
 from .volume import BadView, View
 from .vv import EMPTY
+
+_log = logging.getLogger(__name__)
 
 AUTO_COMMIT_BYTES = 1 << 20      # commit (not publish) once this much is queued
 
@@ -360,8 +363,12 @@ class Session:
         await self._sync_locked(snap=root)
         return root
 
-    async def close(self) -> None:
+    async def close(self, settle: float = 10.0) -> None:
+        """Sync, then give the board up to ``settle`` s to certify."""
         await self.sync()
+        if not await self.board.settle(settle):
+            _log.warning("the newest log-head is not certified yet: it is kept locally and "
+                         "certified at the next mount")
 
     async def update_view(self, view: View) -> None:
         """Adopt a newer version of the volume's view (a writer added or

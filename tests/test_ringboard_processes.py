@@ -17,9 +17,10 @@ import trio
 from overlay.wire.ids import Identity
 from p2pfs.cluster import LocalCluster, NodeProcess, python_module_argv
 from p2pfs.netbackend import NetworkBackend, join_network, mkfs_network, write_ticket
-from storage.logs import LogRolledBack
+from storage.logs import LogRolledBack, decode_head
 from storage.namespace import Namespace
 from storage.ring_local import LocalRing
+from storage.ringboard import head_aguid
 
 RING_ARGS = ["--request-timeout", "0.6", "--view-change-timeout", "0.6", "--no-sync"]
 
@@ -198,3 +199,36 @@ async def test_a_mount_from_a_snapshot_replays_only_newer_records(volume):
         assert len(await nb.readdir(1)) == 45
         for i in (0, 39, 44):
             assert await read_file(nb, f"f{i:02d}") == b"%d" % i
+
+
+async def test_a_single_writers_burst_of_closes_is_certified_coalesced(cluster, tmp_path):
+    """One writer: closes return once the head is durable locally and the
+    ring certifies the newest head at most once per interval; unmounting
+    waits until the newest head is certified."""
+    owner = Identity.generate()
+    ring = LocalRing(tmp_path / "ring", owner=owner, args=RING_ARGS, name="solo")
+    try:
+        await ring.start()
+        a = tmp_path / "a"
+        mkfs_network(a, [cluster.nodes[0].info["bootstrap"]], r=3, name="solo",
+                     identity=owner, ring=ring.ring)
+        async with mounted(a) as (s, ns):
+            board = s.board
+            assert not board.wait
+            board.interval = 0.5
+            t0 = trio.current_time()
+            for i in range(30):
+                await write_file(ns, f"f{i:02d}", b"%d" % i)
+            elapsed = trio.current_time() - t0
+            before = board.certified
+            await ns.close()                   # unmount: sync and settle
+            assert not board.pending
+            # One certification per interval at most (plus the one at close),
+            # not one per close.
+            assert 1 <= before <= 2 + elapsed / board.interval, (before, elapsed)
+            newest = decode_head((await board.local.fetch([s.identity.id]))[s.identity.id])
+            cert = await board.client.latest(head_aguid(owner.public_key, s.view.volume))
+            certified = decode_head(await board.get_raw(cert.vguid))
+            assert certified.n == newest.n and certified.seq == newest.seq
+    finally:
+        ring.close()
