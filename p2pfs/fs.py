@@ -61,7 +61,7 @@ import trio
 
 from storage.blockapi import MAX_BLOCK
 from storage.facts import is_fact
-from storage.fs_errors import NotADirectory, NotFound, NotPermitted, NotSupported, ReadOnly
+from storage.fs_errors import NotADirectory, NotFound, NotPermitted, ReadOnly
 from storage.fsstate import ROOT_INO
 from storage.namespace import Attr, Namespace
 
@@ -400,8 +400,14 @@ class P2pfsOperations(pyfuse3.Operations):
 
     @fuse_op
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        """FIFOs, sockets' names, device nodes (and regular files): only the
+        inode is stored; the kernel serves their I/O itself."""
         HistoryFront.refuse_in(parent_inode, name, "mknod", creates=True)
-        raise NotSupported("device nodes, FIFOs and sockets are not stored by p2pfs")
+        perm, gid = await self._owner(parent_inode, mode & 0o7777, ctx, False)
+        a = await self.ns.mknod(parent_inode, name, _stat.S_IFMT(mode) | perm, rdev, ctx.uid,
+                                gid)
+        self._looked_up(a.ino)
+        return self._entry(a)
 
     @fuse_op
     async def mkdir(self, parent_inode, name, mode, ctx):

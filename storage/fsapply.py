@@ -140,7 +140,7 @@ def _mkinode(st: FsState, rec: Record, b: MkInode) -> None:
         # them would let it pre-empt another writer's next inode.
         raise _Skip(f"inode {b.ino} is outside the writer's range")
     t = rec.time
-    n = Inode(b.ino, b.ftype, b.mode, b.uid, b.gid, t, t, t, target=b.target)
+    n = Inode(b.ino, b.ftype, b.mode, b.uid, b.gid, t, t, t, target=b.target, rdev=b.rdev)
     if b.ftype == FileType.REG:
         n.data = Extents()
     elif b.ftype == FileType.DIR:

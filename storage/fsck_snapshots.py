@@ -221,6 +221,6 @@ class SnapshotCheck:
 def _meta(n) -> tuple:
     """An inode as a reader sees it, but its data (compared apart)."""
     return (int(n.ftype), n.mode, n.uid, n.gid, n.st_nlink, n.st_size, n.atime, n.mtime,
-            n.ctime, n.target, tuple(sorted(n.xattrs.items())),
+            n.ctime, n.target, n.rdev, tuple(sorted(n.xattrs.items())),
             tuple(sorted((k, e.ino) for k, e in n.entries.items()))
             if n.entries is not None else None)

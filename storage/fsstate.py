@@ -47,7 +47,10 @@ MAX_WRITER_INDEX = (1 << (63 - INO_SHIFT)) - 2
 CONFLICT_BIT = 1 << 63
 DIR_SIZE = 4096
 
-_IFMT = {FileType.REG: stat.S_IFREG, FileType.DIR: stat.S_IFDIR, FileType.LNK: stat.S_IFLNK}
+_IFMT = {FileType.REG: stat.S_IFREG, FileType.DIR: stat.S_IFDIR, FileType.LNK: stat.S_IFLNK,
+         FileType.FIFO: stat.S_IFIFO, FileType.CHR: stat.S_IFCHR, FileType.BLK: stat.S_IFBLK,
+         FileType.SOCK: stat.S_IFSOCK}
+FTYPE_OF_IFMT = {v: k for k, v in _IFMT.items()}
 
 
 def ino_for(writer_index: int, n: int) -> int:
@@ -128,6 +131,7 @@ class Inode:
     dtip: Dot | None = None        # last data change applied to this file
     hist: list = field(default_factory=list)  # [(Dot, Undo)], a dominance chain
     copies: list = field(default_factory=list)  # live conflict copies of this file
+    rdev: int = 0                  # device nodes
 
     @property
     def is_dir(self) -> bool:
@@ -140,7 +144,7 @@ class Inode:
             self.data.copy() if self.data is not None else None,
             dict(self.entries) if self.entries is not None else None,
             self.parent, self.subdirs, set(self.links), self.dtip, list(self.hist),
-            list(self.copies))
+            list(self.copies), self.rdev)
 
     @property
     def st_mode(self) -> int:
@@ -388,7 +392,7 @@ class FsState:
         for ino in sorted(self.inodes):
             n = self.inodes[ino]
             out.append((ino, int(n.ftype), n.mode, n.uid, n.gid, n.st_nlink, n.st_size,
-                        n.atime, n.mtime, n.ctime, n.target, tuple(sorted(n.xattrs.items())),
+                        n.atime, n.mtime, n.ctime, n.target, n.rdev, tuple(sorted(n.xattrs.items())),
                         tuple(n.data) if n.data is not None else None,
                         tuple(sorted((k, e.ino) for k, e in n.entries.items()))
                         if n.entries is not None else None))

@@ -39,8 +39,8 @@ from .extents import Blk
 from .fs_errors import (Exists, FileTooBig, InvalidArgument, IOFailure, IsADirectory,
                         NameTooLong, NoData, NotADirectory, NotEmpty, NotFound, NotPermitted,
                         NotSupported, OutOfRange, ReadOnly, TooBig)
-from .fsstate import ROOT_INO, Inode, ino_for
-from .records import (MAX_FILE_SIZE, MAX_NAME, MAX_TARGET, MAX_WRITE_BLOCKS, MAX_XATTR_NAME,
+from .fsstate import FTYPE_OF_IFMT, ROOT_INO, Inode, ino_for
+from .records import (MAX_FILE_SIZE, MAX_NAME, MAX_RDEV, MAX_TARGET, MAX_WRITE_BLOCKS, MAX_XATTR_NAME,
                       MAX_XATTR_VALUE, Cancel, FileType, Link, MkInode, Prepare, Rename,
                       SetAttr, SetXattr, Unlink, Write)
 from .session import Session
@@ -92,7 +92,7 @@ class StatFs:
 def attr_of(n: Inode) -> Attr:
     size = n.st_size
     return Attr(n.ino, n.st_mode, n.st_nlink, n.uid, n.gid, size, (size + 511) // 512,
-                n.atime, n.mtime, n.ctime)
+                n.atime, n.mtime, n.ctime, rdev=n.rdev)
 
 
 def _name(name: bytes | str) -> bytes:
@@ -260,12 +260,20 @@ class Namespace(Session):
 
     async def mknod(self, parent: int, name: bytes | str, mode: int, rdev: int, uid: int,
                     gid: int) -> Attr:
-        """Regular files only (``mknod(S_IFREG)`` is a create); devices,
-        FIFOs and sockets are not stored by this file system."""
+        """A regular file (``S_IFREG`` or no type: a create), a FIFO, a
+        socket's name, or a character or block device numbered ``rdev``.
+        Only the inode is stored: the kernel makes pipes, sockets and
+        devices of them (FUSE never sees their I/O)."""
         self._writable()
-        if _stat.S_IFMT(mode) not in (0, _stat.S_IFREG):
-            raise NotSupported("only regular files, directories and symlinks are stored")
-        return self._make(parent, _name(name), FileType.REG, mode, uid, gid)
+        ft = FTYPE_OF_IFMT.get(_stat.S_IFMT(mode) or _stat.S_IFREG)
+        if ft is None or ft in (FileType.DIR, FileType.LNK):
+            raise InvalidArgument(f"mknod of file type {_stat.S_IFMT(mode):#o}")
+        if ft in (FileType.CHR, FileType.BLK):
+            if not 0 <= rdev <= MAX_RDEV:
+                raise InvalidArgument("device number out of range")
+        else:
+            rdev = 0
+        return self._make(parent, _name(name), ft, mode, uid, gid, rdev=rdev)
 
     async def mkdir(self, parent: int, name: bytes | str, mode: int, uid: int,
                     gid: int) -> Attr:
@@ -283,11 +291,11 @@ class Namespace(Session):
         return self._make(parent, _name(name), FileType.LNK, 0o777, uid, gid, target)
 
     def _make(self, parent: int, name: bytes, ft: FileType, mode: int, uid: int, gid: int,
-              target: bytes | None = None) -> Attr:
+              target: bytes | None = None, *, rdev: int = 0) -> Attr:
         d = self._dir(parent)
         self._free(d, name)
         ino = self._new_ino()
-        self._append(MkInode(ino, ft, mode & 0o7777, uid, gid, target))
+        self._append(MkInode(ino, ft, mode & 0o7777, uid, gid, target, rdev))
         self._append(Link(parent, name, ino))
         return attr_of(self._st.inodes[ino])
 

@@ -57,6 +57,7 @@ READABLE_VERSIONS = frozenset({1})
 
 MAX_NAME = 255               # bytes in one directory entry name (NAME_MAX)
 MAX_TARGET = 4096            # bytes in a symlink target (PATH_MAX)
+MAX_RDEV = 2**64 - 1           # a dev_t
 MAX_INLINE = 16 * 1024       # bytes of inline data one Write may carry
 MAX_WRITE_BLOCKS = 64        # DATA blocks one Write may name
 MAX_XATTR_NAME = 255
@@ -80,6 +81,10 @@ class FileType(IntEnum):
     REG = 1
     DIR = 2
     LNK = 3
+    FIFO = 4
+    CHR = 5        # character device (``rdev`` names it)
+    BLK = 6        # block device (``rdev`` names it)
+    SOCK = 7       # a socket's name (the kernel keeps the socket itself)
 
 
 class Op(IntEnum):
@@ -130,7 +135,10 @@ class End(Body):
 
 @dataclass(frozen=True, slots=True)
 class MkInode(Body):
-    """A new inode (not yet linked anywhere). ``target`` only for symlinks."""
+    """A new inode (not yet linked anywhere). ``target`` only for symlinks,
+    ``rdev`` (the device number) only for device nodes; it is left out of
+    the encoding when 0, so records written before devices were stored
+    encode as they did."""
 
     ino: int
     ftype: FileType
@@ -138,17 +146,23 @@ class MkInode(Body):
     uid: int
     gid: int
     target: bytes | None = None
+    rdev: int = 0
     OP = Op.MKINODE
-    FIELDS = (("ino", "i", _INO), ("ftype", "ft", frames.Int(1, 3)),
+    FIELDS = (("ino", "i", _INO), ("ftype", "ft", frames.Int(1, max(FileType))),
               ("mode", "m", frames.Int(0, 0o7777)), ("uid", "u", frames.Int(0, MAX_ID)),
               ("gid", "g", frames.Int(0, MAX_ID)),
-              ("target", "tg", frames.Nullable(frames.Bytes(max=MAX_TARGET))))
+              ("target", "tg", frames.Nullable(frames.Bytes(max=MAX_TARGET))),
+              ("rdev", "rd", frames.Optional(frames.Int(1, MAX_RDEV))))
 
     def check(self) -> None:
         if (self.ftype == FileType.LNK) != (self.target is not None):
             raise RecordError("a symlink inode needs a target, and only a symlink has one")
         if self.target is not None and not self.target:
             raise RecordError("empty symlink target")
+        if self.rdev and self.ftype not in (FileType.CHR, FileType.BLK):
+            raise RecordError("only a device node has a device number")
+        if not 0 <= self.rdev <= MAX_RDEV:
+            raise RecordError("device number out of range")
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,8 +387,10 @@ def _vv_list(vv: VV, skip: bytes | None = None) -> list:
 
 def _body_fields(body: Body) -> dict:
     out: dict[str, Any] = {}
-    for attr, key, _ in body.FIELDS:
+    for attr, key, spec in body.FIELDS:
         v = getattr(body, attr)
+        if isinstance(spec, frames.Optional) and not v:
+            continue            # absent means the default (0 / None)
         if isinstance(v, VV):
             v = _vv_list(v)
         elif attr == "blocks" and v is not None:
@@ -522,7 +538,12 @@ def _decode_body(op_code: Any, fields: dict, where: str) -> Body:
     except FrameError as e:
         raise RecordError(str(e)) from None
     kw = {}
-    for attr, key, _ in cls.FIELDS:
+    for attr, key, spec in cls.FIELDS:
+        if isinstance(spec, frames.Optional):
+            if key not in fields:
+                continue        # the dataclass default
+            if not fields[key]:
+                raise RecordError(f"{where} {op.name}: {key!r} present with its default value")
         v = fields[key]
         if attr == "cover":
             v = VV(_decode_vv_entries(v, where))

@@ -43,7 +43,7 @@ from .blockapi import MAX_BLOCK, BlockAccess, Kind
 from .errors import StorageError
 from .extents import Blk, Extent, Extents
 from .fsstate import ROOT_INO, Conflict, Entry, FsState, Inode
-from .records import MAX_FILE_SIZE, MAX_NAME, FileType
+from .records import MAX_FILE_SIZE, MAX_NAME, MAX_RDEV, FileType
 from .vv import VV, Dot
 
 VERSION = 1
@@ -215,6 +215,8 @@ class SnapshotWriter:
         e = {"i": n.ino, "ft": int(n.ftype), "m": n.mode, "u": n.uid, "g": n.gid,
              "sz": n.size, "at": n.atime, "mt": n.mtime, "ct": n.ctime, "tg": n.target,
              "x": sorted([k, v] for k, v in n.xattrs.items()), "p": n.parent}
+        if n.rdev:
+            e["rd"] = n.rdev
         if n.data is not None:
             await self._pack_inline(n)
             ext = [[x.off, x.end, 1, x.src.bguid, x.soff] if isinstance(x.src, Blk)
@@ -347,6 +349,11 @@ async def _inode_in(blocks: BlockAccess, e: dict) -> Inode:
         raise SnapshotError("bad size")
     if (ft == FileType.LNK) != (type(n.target) is bytes):
         raise SnapshotError("symlink target mismatch")
+    if "rd" in e:
+        n.rdev = e["rd"]
+        if (type(n.rdev) is not int or not 0 < n.rdev <= MAX_RDEV
+                or ft not in (FileType.CHR, FileType.BLK)):
+            raise SnapshotError("bad device number")
     if ft == FileType.REG:
         ext = e["d"] if type(e["d"]) is list else await _get_list(blocks, e["d"]["r"])
         out, last = [], 0
