@@ -90,6 +90,24 @@ class StoreFormatError(StorageError):
     know, or are not a block store at all. Nothing was changed on disk."""
 
 
+class StoreEntryDamaged(StorageError):
+    """An entry in a block store's LMDB does not decode, or contradicts
+    the entries it must agree with. Examples: a stamp, tombstone or counter
+    of the wrong length, a time that is not a finite number, a stamp that
+    gives a length no block here can have, or counters that do not match
+    their check record. LMDB keeps no checksums, so damage to the disk or a
+    stray write shows up here. The node is not at fault, and neither is any
+    peer. ``db`` and ``key`` name the entry. The store recovers what it can
+    (see the ``storage.blockstore`` docstring). Only a call about exactly
+    that entry (``stored_at``, ``tombstone``) raises this. So does any call
+    whose counters are found damaged again straight after a recount."""
+
+    def __init__(self, msg: str, db: str, key: bytes):
+        super().__init__(msg)
+        self.db = db
+        self.key = key
+
+
 class StoreClosed(StorageError):
     """The block store was used after ``close()`` (a bug in the caller's
     shutdown order)."""

@@ -1,15 +1,19 @@
 """The node-local block store (storage/blockstore.py): verification on every
 read, quarantine of damaged copies (damaged through LMDB and through the file
-itself), quotas, tombstones, persistence, crash safety under kill -9, and a
-property test against a dict model."""
+itself), damaged stamps, tombstones, quarantine entries, counters and format
+records (issue 4), quotas, tombstones, persistence, crash safety under kill -9,
+and a property test against a dict model."""
 
 import hashlib
+import logging
+import math
 import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
+import struct
 import tempfile
 import threading
 from pathlib import Path
@@ -22,10 +26,14 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from storage.blockstore import (
     _Gate,
+    HELD,
     STAMP_BYTES,
     TOMBSTONE_BYTES,
+    TOMBSTONED,
     AsyncBlockStore,
     BlockStore,
+    RepairReport,
+    Tombstone,
     footprint,
 )
 from storage.errors import (
@@ -35,6 +43,7 @@ from storage.errors import (
     BlockTooLarge,
     StorageError,
     StoreClosed,
+    StoreEntryDamaged,
     StoreFormatError,
     StoreFull,
 )
@@ -78,6 +87,27 @@ def raw_put(path, db_name: bytes, key: bytes, value: bytes):
             txn.put(key, value, db=db)
     finally:
         env.close()
+
+
+def raw_delete(path, db_name: bytes, key: bytes):
+    """Remove one entry behind the store's back (it must be closed)."""
+    env = lmdb.open(str(path), max_dbs=8)
+    try:
+        db = env.open_db(db_name, create=False)
+        with env.begin(write=True) as txn:
+            assert txn.delete(key, db=db)
+    finally:
+        env.close()
+
+
+NOTHING_TO_REPAIR = RepairReport(0, 0, 0, 0, 0, False)
+
+
+def charge(*blocks: bytes, tombstones: int = 0, quarantined: tuple[int, ...] = ()) -> int:
+    """What ``used`` must be for these held blocks, tombstones and quarantine
+    entries (of these value lengths)."""
+    return (sum(footprint(len(d)) + footprint(STAMP_BYTES) for d in blocks)
+            + tombstones * footprint(TOMBSTONE_BYTES) + sum(map(footprint, quarantined)))
 
 
 # --------------------------------------------------------------------------
@@ -200,6 +230,275 @@ def test_held_corrupt_copy_is_replaced_by_a_verified_put(path):
         assert s.get(g) == d
         st_ = s.stats()
         assert st_.corruptions == 1 and st_.quarantined == 1 and st_.bytes == len(d)
+
+
+# --------------------------------------------------------------------------
+# Damaged entries other than block values (issue 4)
+
+STAMP_DAMAGE = {  # name: (stamp given the block's length, whether its time still reads)
+    "short": (lambda n: b"\x00\x01\x02", False),
+    "nan-time": (lambda n: struct.pack(">dI", math.nan, n), False),
+    "huge-length": (lambda n: struct.pack(">dI", 100.0, 10**6), True),
+}
+
+
+@pytest.mark.parametrize("damage, time_reads", STAMP_DAMAGE.values(), ids=STAMP_DAMAGE.keys())
+def test_damaged_stamp_block_still_readable_and_never_collected(path, damage, time_reads,
+                                                                caplog):
+    clock = Clock(100.0)
+    (x, xd), (y, yd) = blk(3000), blk(4000)
+    with BlockStore(path, sync=False, clock=clock) as s:
+        s.put_many([(x, xd), (y, yd)])
+    raw_put(path, b"stamps", x, damage(len(xd)))
+    clock.t = 200.0
+    with BlockStore(path, sync=False, clock=clock) as s:
+        # The bytes are checked against their BGUID, not the stamp.
+        assert s.get(x) == xd and s.get_many([x, y]) == {x: xd, y: yd}
+        assert s.has(x) and list(s) == sorted([x, y])
+        if time_reads:  # only the length is off, which only deletes look at
+            assert s.stored_at(x) == 100.0
+            assert s.states([x, y]) == [(HELD, 100.0, 0), (HELD, 100.0, 0)]
+        else:
+            # Only a call about exactly that stamp refuses, naming it.
+            with pytest.raises(StoreEntryDamaged, match=x.hex()[:16]) as e:
+                s.stored_at(x)
+            assert (e.value.db, e.value.key) == ("stamps", x)
+            # Batch reads: held, put just now, so replica repair keeps it.
+            assert s.states([x, y]) == [(HELD, 200.0, 0), (HELD, 100.0, 0)]
+            assert s.stats().damaged == 1
+        # A sweep marked before now collects the other block, never this one,
+        # and leaves no tombstone on a block it keeps (I3).
+        assert s.delete_many([x, y], epoch=1, unless_stored_after=150.0) == [y]
+        assert s.get(x) == xd and s.tombstone(x) is None
+        # The sweep rewrote the stamp from the verified bytes, as put now:
+        # it reads again, and another sweep of the same mark spares it too.
+        assert s.stored_at(x) == 200.0
+        assert s.delete_many([x], unless_stored_after=150.0) == []
+        st_ = s.stats()
+        assert (st_.blocks, st_.bytes, st_.damaged) == (1, len(xd), 1)
+        assert st_.used == charge(xd, tombstones=1)
+        assert s.repair() == NOTHING_TO_REPAIR
+        # Only a sweep marked after the stamp was mended may take it.
+        assert s.delete_many([x], epoch=2, unless_stored_after=250.0) == [x]
+        assert s.stats().used == charge(tombstones=2)
+    warned = [r for r in caplog.records
+              if r.levelno == logging.WARNING and x.hex()[:16] in r.getMessage()]
+    assert len(warned) == 1  # once, however often it was met
+
+
+def test_block_found_without_its_stamp_is_restamped_not_deleted(path):
+    clock = Clock(100.0)
+    (x, xd), (y, yd) = blk(3000), blk(10)
+    with BlockStore(path, sync=False, clock=clock) as s:
+        s.put_many([(x, xd), (y, yd)])
+    raw_delete(path, b"stamps", x)
+    clock.t = 200.0
+    with BlockStore(path, sync=False, clock=clock) as s:
+        assert s.get(x) == xd and not s.has(x)  # listed by its stamp only
+        assert s.delete_many([x, y], epoch=1, unless_stored_after=150.0) == [y]
+        assert s.has(x) and s.stored_at(x) == 200.0 and s.tombstone(x) is None
+        assert s.stats().used == charge(xd, tombstones=1)
+        assert s.repair() == NOTHING_TO_REPAIR
+
+
+def test_one_damaged_stamp_does_not_stop_the_sweep_of_the_others(path):
+    # One bad stamp in a batch of a hundred: the other 99 are collected.
+    items = [blk(100) for _ in range(100)]
+    with BlockStore(path, sync=False) as s:
+        s.put_many(items)
+    bad = items[37][0]
+    raw_put(path, b"stamps", bad, b"\xff" * 5)
+    with BlockStore(path, sync=False) as s:
+        gone = s.delete_many([g for g, _ in items], epoch=3)
+        assert sorted(gone) == sorted(g for g, _ in items if g != bad)
+        assert list(s) == [bad] and s.get(bad) == items[37][1]
+        assert s.stats().used == charge(items[37][1], tombstones=99)
+
+
+@pytest.mark.parametrize("stamp", [b"\x01", None], ids=["damaged", "missing"])
+@pytest.mark.parametrize("met_by", ["sweep", "get"])
+def test_bad_stamp_of_a_corrupt_block_goes_to_quarantine(path, stamp, met_by):
+    (x, xd), (y, yd) = blk(3000), blk(50)
+    with BlockStore(path, sync=False) as s:
+        s.put_many([(x, xd), (y, yd)])
+    if stamp is None:
+        raw_delete(path, b"stamps", x)
+    else:
+        raw_put(path, b"stamps", x, stamp)
+    raw_put(path, b"blocks", x, xd[:-10])
+    with BlockStore(path, sync=False) as s:
+        if met_by == "sweep":
+            assert s.delete_many([x], epoch=4) == []  # it was not held intact
+            assert s.tombstone(x).epoch == 4
+            tombs = 1
+        else:
+            with pytest.raises(BlockCorrupt):
+                s.get(x)
+            tombs = 0
+        assert not s.has(x)
+        with pytest.raises(BlockNotFound):
+            s.get(x)
+        [(qg, _, qd)] = s.quarantined()
+        assert qg == x and qd == xd[:-10]
+        st_ = s.stats()
+        assert (st_.blocks, st_.bytes, st_.corruptions, st_.quarantined_bytes) == \
+            (1, len(yd), 1, len(xd) - 10)
+        assert st_.used == charge(yd, tombstones=tombs, quarantined=(8 + len(xd) - 10,))
+        assert s.repair() == NOTHING_TO_REPAIR
+
+
+def test_a_length_that_would_take_a_counter_below_zero_is_recounted(path):
+    # A plausible but wrong length in a stamp: the delete would subtract more
+    # than was ever added, and the counters are recounted instead of failing.
+    (x, xd), (y, yd) = blk(100), blk(200)
+    with BlockStore(path, sync=False, clock=Clock(5.0)) as s:
+        s.put_many([(x, xd), (y, yd)])
+    raw_put(path, b"stamps", x, struct.pack(">dI", 5.0, 60000))
+    with BlockStore(path, sync=False) as s:
+        assert s.delete_many([x], tombstone=False) == [x]
+        st_ = s.stats()
+        assert (st_.blocks, st_.bytes, st_.used) == (1, len(yd), charge(yd))
+
+
+COUNTER_DAMAGE = {
+    "used-zero": (b"used", bytes(8)),
+    "used-short": (b"used", b"\x00\x01\x02"),
+    "used-huge": (b"used", (1 << 62).to_bytes(8, "big")),
+    "bytes-garbage": (b"bytes", b"\xff" * 8),
+    "corruptions": (b"corruptions", b"\x07"),
+    "check": (b"sums", b"\x00" * 8),
+}
+
+
+@pytest.mark.parametrize("key, value", COUNTER_DAMAGE.values(), ids=COUNTER_DAMAGE.keys())
+@pytest.mark.parametrize("first", ["stats", "put"])
+def test_damaged_counter_is_recounted_and_quota_still_enforced(path, key, value, first):
+    quota = 1 << 20
+    with BlockStore(path, quota=quota, sync=False) as s:
+        s.delete(blk(10)[0], epoch=1)
+        held = []
+        with pytest.raises(StoreFull):
+            while True:
+                g, d = blk(60000)
+                s.put(g, d)
+                held.append(g)
+        before = s.stats()
+    raw_put(path, b"meta", key, value)
+    with BlockStore(path, quota=quota, sync=False) as s:
+        big = blk(60000)
+        if first == "put":  # the recount happens in the write path
+            with pytest.raises(StoreFull, match="quota"):
+                s.put_many([big, big])
+        after = s.stats()
+        assert (after.blocks, after.bytes, after.used, after.tombstones) == \
+            (before.blocks, before.bytes, before.used, before.tombstones)
+        assert after.damaged == 1 and after.corruptions == 0
+        # The quota holds against the true use, whatever the damage said.
+        assert after.free < footprint(60000) + footprint(STAMP_BYTES)
+        with pytest.raises(StoreFull, match="quota"):
+            s.put_many([big, blk(60000)])
+        s.delete_many(held[:2])
+        assert s.put_many([big]) == 1
+        assert s.repair() == NOTHING_TO_REPAIR
+
+
+def test_counters_written_by_older_code_are_recounted_quietly(path):
+    items = [blk(n) for n in (10, 5000)]
+    with BlockStore(path, sync=False) as s:
+        s.put_many(items)
+        before = s.stats()
+    raw_delete(path, b"meta", b"sums")
+    raw_put(path, b"meta", b"used", bytes(8))
+    with BlockStore(path, sync=False) as s:
+        assert s.stats() == before  # recounted, and not counted as damage
+
+
+@pytest.mark.parametrize("damage", ["short", "missing", "version"])
+def test_damaged_format_record_refused_on_open_and_nothing_changed(path, damage):
+    with BlockStore(path, sync=False) as s:
+        s.put(*blk(100))
+    if damage == "missing":
+        raw_delete(path, b"meta", b"format")
+    else:
+        raw_put(path, b"meta", b"format", b"\x00\x01\x02" if damage == "short" else
+                (7).to_bytes(4, "big"))
+    image = (path / "data.mdb").read_bytes()
+    msg = {"short": "format record is 3 bytes", "missing": "format record is missing",
+           "version": "format 7 is not supported"}[damage]
+    with pytest.raises(StoreFormatError, match=msg):
+        BlockStore(path, sync=False)
+    assert (path / "data.mdb").read_bytes() == image
+    with pytest.raises(StoreFormatError):  # and the next open says the same
+        BlockStore(path, sync=False)
+
+
+def test_damaged_tombstone_still_refuses_and_is_purged_first(path):
+    clock = Clock(1000.0)
+    g, d = blk(100)
+    other = blk(10)[0]
+    with BlockStore(path, sync=False, clock=clock) as s:
+        s.put(g, d)
+        s.delete(g, epoch=5)
+        s.delete(other, epoch=5)
+    raw_put(path, b"tombstones", g, b"\x00" * 15)
+    with BlockStore(path, sync=False, clock=clock) as s:
+        with pytest.raises(BlockTombstoned):
+            s.put(g, d)
+        with pytest.raises(StoreEntryDamaged) as e:
+            s.tombstone(g)
+        assert (e.value.db, e.value.key) == ("tombstones", g)
+        # The oldest possible: it never makes another holder drop a copy.
+        assert s.states([g]) == [(TOMBSTONED, 0.0, 0)]
+        assert dict(s.tombstones())[g] == Tombstone(0, 0.0)
+        assert s.repair() == RepairReport(0, 0, 0, 1, 0, False)
+        assert s.purge_tombstones(before_epoch=1) == 1
+        assert [t for t, _ in s.tombstones()] == [other]
+        assert s.put(g, d) and s.stats().used == charge(d, tombstones=1)
+        assert s.stats().damaged == 1
+
+
+def test_damaged_quarantine_entry_is_listed_and_purged(path):
+    g, d = blk(5000)
+    with BlockStore(path, sync=False) as s:
+        s.put(g, d)
+    raw_put(path, b"blocks", g, d[:100])
+    with BlockStore(path, sync=False) as s:
+        with pytest.raises(BlockCorrupt):
+            s.get(g)
+    raw_put(path, b"quarantine", g, b"\x00\x01\x02")
+    with BlockStore(path, sync=False) as s:
+        assert s.quarantined() == [(g, 0.0, b"\x00\x01\x02")]
+        assert s.purge_quarantine() == 1
+        st_ = s.stats()
+        assert (st_.quarantined, st_.quarantined_bytes, st_.used, st_.corruptions) == \
+            (0, 0, 0, 1)
+        assert st_.damaged == 1
+
+
+def test_repair_mends_stamps_drops_orphans_and_quarantines(path):
+    (w, wd), (x, xd), (y, yd), (z, zd), (k, kd) = (blk(n) for n in (900, 3000, 40, 7000, 1))
+    with BlockStore(path, sync=False, clock=Clock(10.0)) as s:
+        s.put_many([(w, wd), (x, xd), (y, yd), (z, zd), (k, kd)])
+    raw_delete(path, b"stamps", x)                               # a block without its stamp
+    raw_delete(path, b"blocks", y)                               # a stamp without its block
+    raw_put(path, b"stamps", z, b"?")                            # damaged stamp, corrupt block
+    raw_put(path, b"blocks", z, zd[1:])
+    raw_put(path, b"stamps", w, struct.pack(">dI", 10.0, 901))  # plausible, wrong length
+    with BlockStore(path, sync=False, clock=Clock(20.0)) as s:
+        assert s.repair() == RepairReport(stamps_rewritten=1, stamps_dropped=1, quarantined=1,
+                                          damaged_tombstones=0, damaged_quarantine=0,
+                                          counters_fixed=True)
+        assert s.stored_at(x) == 20.0 and s.has(x) and not s.has(y) and not s.has(z)
+        assert s.stats().bytes == len(wd) + 1 + len(xd) + len(kd)  # w's stamp is still off
+        # Reading every block finds the plausible but wrong length too.
+        assert s.repair(verify=True) == RepairReport(1, 0, 0, 0, 0, True)
+        assert s.stored_at(w) == 20.0
+        st_ = s.stats()
+        assert list(s) == sorted([w, x, k])
+        assert (st_.bytes, st_.corruptions, st_.quarantined) == (len(wd + xd + kd), 1, 1)
+        assert st_.used == charge(wd, xd, kd, quarantined=(8 + len(zd) - 1,))
+        assert s.repair(verify=True) == NOTHING_TO_REPAIR
+        assert s.get_many([w, x, k]) == {w: wd, x: xd, k: kd}
 
 
 # --------------------------------------------------------------------------
@@ -657,6 +956,11 @@ class StoreVsModel(RuleBasedStateMachine):
     def reopen(self):
         self.store.close()
         self.store = BlockStore(self.dir, quota=QUOTA, sync=False)
+
+    @rule(verify=st.booleans())
+    def repair(self, verify):
+        # The counters kept step by step equal a recount from the entries.
+        assert self.store.repair(verify=verify) == NOTHING_TO_REPAIR
 
     @rule(i=st.integers(0, len(POOL) - 1))
     def corrupt_on_disk(self, i):
