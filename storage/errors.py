@@ -98,7 +98,7 @@ class StoreEntryDamaged(StorageError):
     their check record. LMDB keeps no checksums, so damage to the disk or a
     stray write shows up here. The node is not at fault, and neither is any
     peer. ``db`` and ``key`` name the entry. The store recovers what it can
-    (see the ``storage.blockstore`` docstring). Only a call about exactly
+    (see the ``storage.blockstore_repair`` docstring). Only a call about exactly
     that entry (``stored_at``, ``tombstone``) raises this. So does any call
     whose counters are found damaged again straight after a recount."""
 
