@@ -5,7 +5,8 @@ STYLE.md section 4: one nursery, one teardown path; signals end the session).
 
 1. check the mount point: an existing, empty directory that nothing is
    mounted on. A *stale* FUSE mount left by a process that died (``stat``
-   fails with ENOTCONN) is detached with ``fusermount3 -u -z`` and reported;
+   or, since stat may be answered from the kernel's cache, ``statfs`` fails
+   with ENOTCONN) is detached with ``fusermount3 -u -z`` and reported;
 2. attach the backend (``p2pfs.backend``) and mount the namespace;
 3. ``pyfuse3.init`` with ``fsname=p2pfs``, ``subtype=p2pfs``,
    ``default_permissions`` and ``allow_other`` (the kernel checks modes and
@@ -122,6 +123,15 @@ def clear_stale(mp: Path) -> None:
                          f"try `umount -l {mp}` as root")
 
 
+def _dead(mp: Path) -> bool:
+    """Whether the file system mounted at ``mp`` has no server any more."""
+    try:
+        os.statvfs(mp)
+    except OSError as e:
+        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
 def check_mountpoint(mountpoint: str | os.PathLike) -> Path:
     """The absolute mount point, once it is fit to mount on (module
     docstring, step 1); raises MountError otherwise."""
@@ -138,6 +148,11 @@ def check_mountpoint(mountpoint: str | os.PathLike) -> Path:
     if not stat.S_ISDIR(st.st_mode):
         raise MountError(f"mount point {mp} is not a directory")
     info = _mountinfo(mp)
+    if info is not None and _dead(mp):
+        # stat above may have been answered from the kernel's attribute
+        # cache (60 s for a single writer); statfs always asks the server.
+        clear_stale(mp)
+        return check_mountpoint(mp)
     if info is not None or os.path.ismount(mp):
         what = f" ({info[-3]} from {info[-2]})" if info else ""
         raise MountError(f"{mp} is already a mount point{what}; unmount it first "
