@@ -148,8 +148,12 @@ class ObjectRing:
     def check_op(self, client: bytes, op: bytes) -> None:
         decode_op(op)
 
-    def stale_result(self) -> bytes:
-        return encode_result(STALE, None, "request id older than the ring remembers")
+    def stale_result(self, newest: int = 0) -> bytes:
+        """The refusal of a request id below every id remembered for its
+        client; ``newest`` (the highest remembered) tells a client whose
+        clock stepped back where its ids must resume (``RingClient``)."""
+        return encode_result(STALE, None, f"request id older than the ring remembers; "
+                                          f"newest {newest}")
 
     def body_of(self, aguid: bytes, obj: ObjectState) -> CertBody:
         return CertBody(self.ring.ring_id, self.ring.epoch, aguid, obj.seq, obj.vguid,

@@ -102,7 +102,8 @@ class RequestMixin:
             res = self._released_result(key)
         if res is None:
             if self.is_stale(*key):
-                return {"res": self.app.reply(req.c, req.r, self.app.stale_result()),
+                newest = max(self.clients.get(req.c) or (0,))
+                return {"res": self.app.reply(req.c, req.r, self.app.stale_result(newest)),
                         "view": self.view}
             raise Refused("pending", f"request not yet ordered (view {self.view}"
                           f"{', view change' if self.in_vc else ''}); retry")

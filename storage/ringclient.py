@@ -40,6 +40,7 @@ be applied later (it is pending at the members that have it).
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 import msgpack
@@ -62,6 +63,7 @@ from .ring_messages import Request
 from .ring_requests import kth_highest
 
 log = logging.getLogger(__name__)
+_NEWEST = re.compile(r"newest (\d+)")
 
 ERRORS = {NOT_AUTHORISED: NotAuthorised, NOT_FOUND: ObjectNotFound, BAD_REQUEST: BadRequest,
           STALE: StaleRequest}
@@ -183,6 +185,10 @@ class RingClient:
             if not await self.refresh_ring():
                 raise
             status, cert, detail = await self.submit(req, alone=alone)
+        if status == STALE and req.r < self._last_rid:
+            # Our ids resume past the ring's (_resume_after): once more, anew.
+            req = self.request(msgpack.unpackb(req.op, raw=False))
+            status, cert, detail = await self.submit(req, alone=alone)
         if status == CONFLICT:
             raise Conflict(cert)
         if status in ERRORS:
@@ -192,6 +198,23 @@ class RingClient:
         return cert
 
     # ---- requests --------------------------------------------------------------------
+
+    def _resume_after(self, details: list) -> None:
+        """Refused as stale: our clock is behind the ids the ring remembers
+        for us (a clock stepped back, or the volume moved to another
+        machine). Continue above the (f+1)-th highest newest id the members
+        name: at least one correct member remembers an id that high, and no
+        f liars can push our ids further."""
+        ids = []
+        for d in details:
+            m = _NEWEST.search(d) if type(d) is str else None
+            if m and len(m.group(1)) <= 20:
+                ids.append(int(m.group(1)))
+        v = kth_highest(ids, self.ring.f + 1)
+        if v > self._last_rid and v < 2**63:
+            log.warning("ring request ids resume after %d (this clock is %.0f s behind the "
+                        "ids the ring remembers)", v, (v - time.time_ns()) / 1e9)
+            self._last_rid = v
 
     def request(self, op: dict) -> Request:
         """A signed request with a fresh id (ids grow: a nanosecond clock,
@@ -355,6 +378,8 @@ class RingClient:
                         self._verified.clear()
                     return status, Certificate(cb, sigs), replies[js[0]][2]
             elif status in ERRORS and len(js) >= ring.f + 1:
+                if status == STALE:
+                    self._resume_after([replies[j][2] for j in js])
                 return status, None, replies[js[0]][2] or ""
         return None
 

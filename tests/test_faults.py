@@ -466,19 +466,10 @@ class NotCertified(AssertionError):
     """The writer's closes were not certified: other writers cannot see them."""
 
 
-@pytest.mark.xfail(strict=True, raises=NotCertified, reason=(
-    "BUG: ring request ids are the client's wall clock in ns (RingClient.request: "
-    "max(last + 1, time.time_ns()), last = 0 in a new process) and a member refuses as "
-    "'stale' any id below the oldest of the 64 it remembers for that client "
-    "(pbft.is_stale, ring_execution._run_batch). A writer whose clock is behind its "
-    "previous run (NTP step back, the volume directory moved to another machine) gets "
-    "every head certification refused (RingHeadBoard logs 'not certified: ... stale' and "
-    "retries every 30 s with ids still too old): its closes return, durable locally, but "
-    "no other writer sees them until its clock passes the old ids. Fix: on StaleRequest "
-    "the client moves its next id past the ids the ring remembers (the stale reply "
-    "names the member's newest id for the client; take the (f+1)-th highest of those "
-    "answers) and resubmits once; or persist the last id in the volume directory."))
 def test_f_a_writer_whose_clock_stepped_back_still_gets_its_closes_certified(net, lab):
+    """Ring request ids are wall-clock nanoseconds; members refuse ids below
+    those they remember for a client as stale, naming their newest, and the
+    client resumes above it (``RingClient._resume_after``)."""
     a, b = net.new_volume("stepback", writers=2)
     ma, mb = lab.mount(a, "ma"), lab.mount(b, "mb")
     for i in range(70):              # 70 certified closes: more than the 64 ids remembered
