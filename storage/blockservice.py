@@ -13,7 +13,7 @@ Messages, all over :class:`overlay.wire.transport.Transport`::
     blk.list   {after: g|nil, limit} -> {bguids: [g], more: bool}
     blk.stat   {}                   -> {blocks, bytes, free}
     blk.check  {bguids: [g]}        -> {state: [0|1|2], at: [float|nil], epoch: [int]}
-    blk.delete {bguids: [g], epoch, unless_stored_after: float|nil} -> {deleted: [g]}
+    blk.delete {bguids: [g], epoch, spare_within: float|nil} -> {deleted: [g]}
 
 ``blk.check`` reports, per BGUID, absent (0), held (1, with its stored_at)
 or tombstoned (2, with its deleted_at and the collector's epoch): replica
@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 from typing import Iterable, Mapping
 
@@ -129,7 +130,7 @@ CHECK = frames.message(
 DELETE = frames.message(
     "blk.delete",
     request={"bguids": ListOf(GUID, max=MAX_LIST), "epoch": Int(0, 2**63 - 1),
-             "unless_stored_after": Nullable(float)},
+             "spare_within": Nullable(float)},
     reply={"deleted": ListOf(GUID, max=MAX_LIST)},
 )
 
@@ -220,10 +221,12 @@ class BlockService:
     async def on_delete(self, sender: bytes, body: dict) -> dict:
         if sender not in self.collectors:
             raise Refused("not_authorised", f"{short(sender)} may not delete blocks here")
+        age = body["spare_within"]
+        if age is not None and not (math.isfinite(age) and age >= 0):
+            raise Refused("bad_request", "spare_within must be a finite age in seconds")
         try:
-            gone = await self.store.delete_many(
-                body["bguids"], epoch=body["epoch"],
-                unless_stored_after=body["unless_stored_after"])
+            gone = await self.store.delete_many(body["bguids"], epoch=body["epoch"],
+                                                spare_within=age)
         except StorageError as e:
             raise _refusal(e) from None
         return {"deleted": gone}
@@ -347,16 +350,17 @@ async def check_on(transport: Transport, peer: Peer, bguids: Iterable[bytes], *,
 
 
 async def delete_on(transport: Transport, peer: Peer, bguids: Iterable[bytes], *, epoch: int,
-                    unless_stored_after: float | None,
+                    spare_within: float | None,
                     timeout: float = DEFAULT_TIMEOUT) -> list[bytes]:
-    """Ask ``peer`` to delete (and tombstone) blocks, sparing those stored at
-    or after ``unless_stored_after``; returns the ones it removed.
+    """Ask ``peer`` to delete (and tombstone) blocks, sparing those it stored
+    in the last ``spare_within`` seconds by its own clock (an age, so that
+    clocks need not agree); returns the ones it removed.
     HolderRefused(code "not_authorised") unless we are one of its collectors."""
     want = list(dict.fromkeys(bguids))
     gone: list[bytes] = []
     for i in range(0, len(want), MAX_LIST):
         body = {"bguids": want[i:i + MAX_LIST], "epoch": epoch,
-                "unless_stored_after": unless_stored_after}
+                "spare_within": spare_within}
         reply = await _call(transport, peer, DELETE, body, timeout)
         gone += reply["deleted"]
     return gone

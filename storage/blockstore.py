@@ -48,6 +48,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import os
 import shutil
 import time
@@ -452,13 +453,17 @@ class BlockStore:
                                      unless_stored_after=unless_stored_after))
 
     def delete_many(self, bguids: Iterable[bytes], *, epoch: int = 0, tombstone: bool = True,
-                    unless_stored_after: float | None = None) -> list[bytes]:
+                    unless_stored_after: float | None = None,
+                    spare_within: float | None = None) -> list[bytes]:
         """Delete blocks in one transaction; returns those that were held
         and removed. With ``tombstone`` (the default) a tombstone of
         ``epoch`` is recorded for each, held or not, so stale copies are not
         stored again. With ``unless_stored_after``, a block put at or after
         that time is kept (a GC sweep spares blocks written since its mark
-        began). Deletes are never refused for quota.
+        began). ``spare_within`` says the same as an age on this store's
+        own clock (blocks put in the last ``spare_within`` seconds are kept):
+        a remote collector sends that, so its clock and ours need not agree.
+        Deletes are never refused for quota.
 
         A held block whose stamp is damaged (or missing) is never deleted,
         by any call: its stamp is rewritten from its verified bytes as put
@@ -468,6 +473,12 @@ class BlockStore:
         for g in bguids:
             _check_bguid(g)
         now = self._clock()
+        if spare_within is not None:
+            if not (math.isfinite(spare_within) and spare_within >= 0):
+                raise ValueError("spare_within must be a finite number of seconds >= 0")
+            since = now - spare_within
+            unless_stored_after = (since if unless_stored_after is None
+                                   else max(since, unless_stored_after))
         tomb = _TOMB.pack(epoch, now)
 
         def apply(txn) -> list[bytes]:

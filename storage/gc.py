@@ -19,8 +19,9 @@ The protocol:
 2. Sweep (:func:`collect`). Each storage node lists what it holds; the
    collector asks it to delete the blocks not in L, sparing every block
    stored at or after the cutoff C = T0 - ``skew`` (``blk.delete`` with
-   ``unless_stored_after=C``; the holder compares and deletes in one LMDB
-   transaction). Deleted blocks are tombstoned with epoch = C in
+   ``spare_within`` = now - C, an age the holder turns into a time on its
+   own clock, so the collector's and holders' clocks need not agree; the
+   holder compares and deletes in one LMDB transaction). Deleted blocks are tombstoned with epoch = C in
    milliseconds, which ``storage.maintenance`` reads as the cutoff.
 
 Safety: a block B that is live when the sweep reaches its holder H is not
@@ -53,6 +54,7 @@ with as collectors.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
@@ -98,7 +100,8 @@ async def collect(node: TapestryNode, live: Collection[bytes], started_at: float
                   skew: float = DEFAULT_SKEW, peers: list[Peer] | None = None,
                   local: AsyncBlockStore | None = None,
                   on_deleted: Callable[[list[bytes]], None] | None = None,
-                  timeout: float = 30.0, concurrency: int = 4) -> CollectReport:
+                  timeout: float = 30.0, concurrency: int = 4,
+                  clock: Callable[[], float] = time.time) -> CollectReport:
     """Sweep: delete every block not in ``live`` and stored before
     ``started_at - skew`` from each node in ``peers`` (module docstring).
     ``local``/``on_deleted``: this node's own store, swept directly, and
@@ -145,8 +148,11 @@ async def collect(node: TapestryNode, live: Collection[bytes], started_at: float
             if on_deleted is not None and gone:
                 on_deleted(gone)
             return gone
+        # As an age: the holder spares what it stored since then by its own
+        # clock, so a holder whose clock is behind ours keeps a block put
+        # after the mark (its stamp would read as older than the cutoff).
         return await bs.delete_on(node.transport, p, doomed, epoch=report.epoch,
-                                  unless_stored_after=cutoff, timeout=timeout)
+                                  spare_within=max(0.0, clock() - cutoff), timeout=timeout)
 
     async with trio.open_nursery() as nursery:
         for p in targets:

@@ -99,6 +99,7 @@ class StorageNode:
         self.node = TapestryNode(transport, config=config, rng=rng)
         self.r = r
         self.inline = inline
+        self._clock = clock
         self.raw_store = store
         self.store = AsyncBlockStore(store, inline=inline) if store is not None else None
         self.placement = Placement(self.node, stores=store is not None, ttl=placement_ttl)
@@ -189,6 +190,7 @@ class StorageNode:
     async def collect(self, live, started_at: float, **kw) -> "gc.CollectReport":
         """Sweep garbage from this node (``storage.gc.collect``): every block
         not in ``live`` and stored before ``started_at - skew``."""
+        kw.setdefault("clock", self._clock)
         return await gc.collect(self.node, live, started_at, local=self.store,
                                 on_deleted=self.keeper.note_deleted if self.keeper else None,
                                 **kw)

@@ -26,8 +26,9 @@ e. one node's disk fills up mid-workload: writes go to the other holders;
    then three of five nodes are full: writes fail with ENOSPC at close,
    and go on once space is back;
 f. clocks skewed by ten minutes (the primary ahead, a storage node and a
-   writer's machine behind): nothing breaks; two known clock faults are
-   ``xfail(strict=True)`` tests with the cause and fix in their reasons.
+   writer's machine behind): nothing breaks; a writer whose clock stepped
+   back is certified again, and garbage collection spares a block put after
+   its mark on a holder whose clock is behind.
 
 Every process is stopped by PID and every mount unmounted
 (``P2PFS_FAULTS_KEEP=1`` keeps the nodes' and members' logs). With
@@ -490,16 +491,9 @@ class LiveBlockCollected(AssertionError):
     """A block put after the collector's mark was deleted by the sweep."""
 
 
-@pytest.mark.xfail(strict=True, raises=LiveBlockCollected, reason=(
-    "LATENT (no process runs GC yet): storage.gc compares the collector's cutoff "
-    "(T0 - skew, its clock) with each holder's stored_at (the holder's clock). A holder "
-    "whose clock is behind by more than the skew (60 s) stamps a block put after T0 "
-    "before the cutoff, and the sweep deletes that live block. SECURITY.md states the "
-    "assumption; nothing enforces it. Fix: send the cutoff as an age (blk.delete "
-    "'unless stored within the last N seconds', N = now - cutoff on the collector), "
-    "which the holder compares with its own clock, so a constant skew cancels out; or "
-    "ask each holder for its clock at mark time."))
 def test_f_gc_spares_a_block_put_after_the_mark_on_a_holder_whose_clock_is_behind(net, lab):
+    """The sweep sends its cutoff as an age (``blk.delete`` ``spare_within``),
+    which each holder turns into a time on its own clock."""
     collector = Identity.generate()
     slow, right = 3, 4
     net.restart_node(slow, skew=-SKEW, extra=["--collector", collector.id.hex()])
