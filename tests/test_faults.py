@@ -383,10 +383,12 @@ def test_e_full_disks_pass_writes_on_or_fail_them_with_enospc(net, lab):
     assert not led.errors, f"errors surfaced to the user: {dict(led.errors)}"
 
     # Three of five full: no 3 distinct holders for a block, so writes fail,
-    # with ENOSPC at close, and nothing acknowledged before is harmed.
-    for y in (2, 3):
+    # with ENOSPC at close, and nothing acknowledged before is harmed. Node
+    # x gets a quota below its use too: "full" above left it up to 128 KiB,
+    # in which a small file's blocks may still fit.
+    for y in (x, 2, 3):
         net.restart_node(y, extra=["--quota", "64K"])
-    lab.extra_faults["node over quota"] += 2
+    lab.extra_faults["node over quota"] += 3
     failing = Ledger()
     jobs = list(small_jobs("refused", 5, 11))
     run_writer(m.mnt, iter(jobs), failing, timeout=300)
