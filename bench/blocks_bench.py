@@ -43,7 +43,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -57,7 +56,8 @@ sys.path.insert(0, str(ROOT))
 
 import trio  # noqa: E402
 
-from bench.common import load_average, machine_info, machine_markdown, progress  # noqa: E402
+from bench.common import (load_average, machine_info, machine_markdown, proc_cpu,  # noqa: E402
+                          progress, self_cpu)
 from overlay.wire.ids import Identity  # noqa: E402
 from overlay.wire.tls import TlsTransport  # noqa: E402
 from overlay.wire.transport import Peer  # noqa: E402
@@ -69,25 +69,7 @@ from storage.server import StorageNode  # noqa: E402
 
 KEY = bytes(range(32))
 MB = 1e6
-TICK = os.sysconf("SC_CLK_TCK")
 KEEP_MARK = "## Where the time goes"
-
-
-def proc_cpu(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / TICK
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
-
-
-def self_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 class Phase:

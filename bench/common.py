@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import resource
 import platform
 import shutil
 import statistics
@@ -183,3 +184,23 @@ def machine_markdown(info: dict) -> str:
         f"- date: {info.get('date')}; load average {info.get('load')} at the start"
         + (f", {info['load_after']} at the end" if info.get("load_after") else ""),
     ])
+
+
+def proc_cpu(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes so far (gone ones: 0)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def self_cpu() -> float:
+    """User + system CPU seconds of this process so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime

@@ -3,6 +3,9 @@ what the layers above call.
 
 * ``publish(obj)`` routes toward each salted root of ``obj`` leaving pointers
   on every hop, and keeps republishing (soft state, ``maintenance.py``);
+* ``publish_many(objs)`` does the same for many objects in one routed batch
+  per next hop (``publish_batch.py``): the pointers single publishes would
+  leave, for a fraction of the messages;
 * ``unpublish(obj)`` deletes them along the same paths (and old ones);
 * ``locate(obj, n)`` routes toward the salted roots in turn, diverting at the
   first hop that has pointers, and returns live holders nearest first;
@@ -42,35 +45,67 @@ class DolrAPI:
         pointers on the way. Returns the roots that acknowledged (the object
         stays published, and is republished, even if some did not).
 
-        ``confirm=False`` returns once the first hop of each salted route has
-        taken the message, and asks for no result from the roots: half the
-        messages of a publish in a small network (a hop, not a hop and a
-        result). Nothing then reports a route that fails further on; the
-        periodic republish (soft state) repairs it. Returns []."""
+        ``confirm=False`` is ``publish_many([obj])``: it returns once the
+        first hop of each salted route has taken the message, and asks for no
+        result from the roots: half the messages of a publish in a small
+        network (a hop, not a hop and a result), fewer when salted routes
+        share a next hop. Nothing then reports a route that fails further
+        on; the periodic republish (soft state) repairs it. Returns []."""
         epoch = self.published.get(obj)
         if epoch is None:
             epoch = self.published[obj] = self._epoch(obj)
         if not confirm:
-            await self._publish_unconfirmed(obj, epoch)
+            await self._publish_entries([(obj, epoch)])
             return []
         return await self._publish_all(obj, epoch, wait=True)
 
-    async def _publish_unconfirmed(self, obj: bytes, epoch: int) -> None:
-        # Each salted route runs its first step here (this node's pointer,
-        # the hand-off to the next hop) rather than in a spawned task, so a
-        # caller publishing many objects is paced by its next hops.
+    async def publish_many(self, objs, *, confirm: bool = False) -> dict[bytes, list[Peer]]:
+        """Publish that we hold every object of ``objs`` (GUIDs, 32 bytes).
+
+        Unconfirmed (the default): the (salted target, object, epoch) entries
+        travel in batches, one routed message per next hop, each node on the
+        way leaving the pointers single publishes would leave
+        (``overlay/publish_batch.py``). Returns {} once the first hop of
+        every batch took it; routes lost further on are repaired by the
+        periodic republish, as for ``publish(confirm=False)``.
+
+        ``confirm=True`` publishes each object as ``publish`` does (a result
+        from every root; a few at a time) and returns, per object, the roots
+        that acknowledged. ValueError for a GUID that is not 32 bytes."""
+        objs = list(dict.fromkeys(objs))
+        for obj in objs:
+            if type(obj) is not bytes or len(obj) != 32:
+                raise ValueError("objects are published by their 32-byte GUIDs")
         if not self.running:
             raise NotRunning(f"node {short(self.id)} is not running")
-        holder = m.peer_body(self.peer)
+        pairs = []
+        for obj in objs:
+            epoch = self.published.get(obj)
+            if epoch is None:
+                epoch = self.published[obj] = self._epoch(obj)
+            pairs.append((obj, epoch))
+        if not confirm:
+            await self._publish_entries(pairs)
+            return {}
+        out: dict[bytes, list[Peer]] = {}
+        sem = trio.Semaphore(16)
 
-        async def one(i: int) -> None:
-            msg = self.router.message("publish", m.salted(obj, i), obj=obj, holder=holder,
-                                      epoch=epoch)
-            await self.router.step(msg, None)
+        async def one(obj: bytes, epoch: int) -> None:
+            async with sem:
+                out[obj] = await self._publish_all(obj, epoch, wait=True)
 
         async with trio.open_nursery() as n:
-            for i in range(self.config.salts):
-                n.start_soon(one, i)
+            for obj, epoch in pairs:
+                n.start_soon(one, obj, epoch)
+        return out
+
+    async def _publish_entries(self, pairs) -> None:
+        """Unconfirmed publishes of our (object, epoch) pairs under every
+        salt, batched. The first step runs here rather than in a spawned
+        task, so a caller publishing many objects is paced by its next hops."""
+        salts = range(self.config.salts)
+        await self.router.batch.start(
+            self.peer, [(m.salted(obj, i), obj, epoch) for obj, epoch in pairs for i in salts])
 
     async def _publish_all(self, obj: bytes, epoch: int, *, wait: bool) -> list[Peer]:
         roots: list[Peer] = []

@@ -12,12 +12,14 @@ Periodic tasks of a running node, each at its own interval with jitter:
   prefix with them, and offer them to the table (this, and adopting nodes that
   ping us, is what restores the table invariant after many failures);
 * republish: re-send a publish for every object we hold (pointers are soft
-  state and expire after ``pointer_ttl``);
+  state and expire after ``pointer_ttl``), in batches (``publish_batch.py``:
+  one routed message per next hop for up to ``MAX_BATCH`` entries);
 * expiry: drop expired pointers, tombstones and stale backpointers.
 
 Hand-over: whenever a node enters our table we may stop being the root of
 some GUIDs; the pointers we stored as root for those are sent on toward the
-new root (this is how a joining node receives the pointers it now roots).
+new root (this is how a joining node receives the pointers it now roots), in
+one publish batch per holder.
 When a neighbour goes, we may have become the root of some pointers we held
 on a path; they are marked, so that they are handed over in their turn.
 
@@ -201,8 +203,13 @@ class Maintenance:
 
     async def republish(self) -> None:
         node = self.node
-        for obj, epoch in list(node.published.items()):
-            await node._publish_all(obj, epoch, wait=False)
+        items = list(node.published.items())
+        per_batch = max(1, m.MAX_BATCH // node.config.salts)
+        for i in range(0, len(items), per_batch):
+            # Started, not awaited: a first hop that is slow to fail (hop
+            # timeouts, alternates) must not delay the next round past the
+            # pointers' expiry.
+            node.spawn(node._publish_entries, items[i:i + per_batch])
 
     async def expire(self) -> None:
         node = self.node
@@ -231,16 +238,18 @@ class Maintenance:
         as rooted those whose target we root now (a root died or left)."""
         node = self.node
         moved = 0
+        by_holder: dict[bytes, tuple[Peer, list]] = {}
         for p in node.pointers.all():
             root_now = node.table.is_root(p.target)
             if root_now or not p.rooted:
                 p.rooted = p.rooted or root_now
                 continue
             p.rooted = False
-            msg = node.router.message("publish", p.target, obj=p.obj,
-                                      holder=m.peer_body(p.holder), epoch=p.epoch)
-            node.spawn(node.router.step, msg, None)
+            by_holder.setdefault(p.holder.id, (p.holder, []))[1].append(
+                (p.target, p.obj, p.epoch))
             moved += 1
+        for holder, entries in by_holder.values():
+            node.spawn(node.router.batch.start, holder, entries)
         if moved:
             node.stats["pointers_handed_over"] += moved
             log.info("%s handed over %d pointers to a new root", short(node.id), moved)

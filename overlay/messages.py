@@ -25,6 +25,14 @@ result      nothing                                 the origin (its own root)
 ``result`` carries a ``tap.result`` body through the overlay when the direct
 request to the origin failed (a cut link between the end of the route and the
 origin must not lose the answer that an alternate route brought through).
+
+Batched publishing (``overlay/publish_batch.py``): ``tap.publish_batch``
+carries many unconfirmed publishes of one holder, each entry a (salted
+target, object, epoch), hop by hop like a ``publish`` route (acknowledged at
+once, no result); ``tap.pointer_batch`` is the batched ``tap.pointer`` of
+pointer caching. Both lists are bounded by ``MAX_BATCH`` entries (about
+100 bytes each framed, so a full batch stays near 100 KB, far below the frame
+cap): a longer list is a ``FrameError``, and the connection is closed.
 """
 
 from __future__ import annotations
@@ -103,6 +111,29 @@ POINTER = frames.message(
     "tap.pointer",
     # Store a pointer without routing (pointer caching on a hop's backups).
     request={"obj": GUID, "holder": PEER, "target": GUID, "epoch": Int(0)},
+    reply={},
+)
+
+MAX_BATCH = 1024  # entries in one publish or pointer batch
+
+BATCH_ENTRY = {"target": GUID, "obj": GUID, "epoch": Int(0)}
+
+PUBLISH_BATCH = frames.message(
+    "tap.publish_batch",
+    # Unconfirmed publishes of ``holder``'s objects, travelling together as
+    # far as their routes agree. ``level``, ``hops`` and ``detours`` mean what
+    # they mean in ``tap.route``, for every entry: a node splits a batch by
+    # next hop, so the entries of one batch have resolved the same digits.
+    request={"origin": PEER, "holder": PEER, "level": Int(0, 64), "hops": Int(0, 255),
+             "detours": Optional(Int(0, 255)),
+             "entries": ListOf(BATCH_ENTRY, max=MAX_BATCH)},
+    reply={},
+)
+
+POINTER_BATCH = frames.message(
+    "tap.pointer_batch",
+    # Store pointers without routing (pointer caching on a hop's backups).
+    request={"holder": PEER, "entries": ListOf(BATCH_ENTRY, max=MAX_BATCH)},
     reply={},
 )
 

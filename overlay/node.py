@@ -118,6 +118,8 @@ class TapestryNode(DolrAPI):
         d.on(m.POINTER, self._on_pointer)
         d.on(m.UNPUBLISH_WALK, self.router.on_unpublish_walk)
         d.on(m.ROUTE, self.router.on_route)
+        d.on(m.PUBLISH_BATCH, self.router.batch.on_batch)
+        d.on(m.POINTER_BATCH, self.router.batch.on_pointers)
         d.on(m.RESULT, self.router.on_result)
 
     async def _handle(self, sender: bytes, msg_type: str, body: dict) -> dict:

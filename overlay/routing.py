@@ -29,6 +29,7 @@ import trio
 from . import messages as m
 from .errors import DeliveryError, NoRoute, NotRunning
 from .pointers import Pointer
+from .publish_batch import BatchPublisher
 from .wire import frames
 from .wire.ids import short
 from .wire.transport import Peer, PeerError, Refused, RemoteError
@@ -72,7 +73,8 @@ class Router:
     def __init__(self, node: "TapestryNode"):
         self.node = node
         self._pending: dict[bytes, _Waiter] = {}
-        self.active = 0        # routed messages this node is carrying now
+        self.active = 0        # routed messages (and publish batches) this node is carrying now
+        self.batch = BatchPublisher(node)   # tap.publish_batch, tap.pointer_batch
 
     # ------------------------------------------------------------ origin side
 
@@ -314,21 +316,24 @@ class Router:
 
     # ---------------------------------------------------------------- forward
 
-    async def forward(self, msg: dict, level: int, slot) -> Peer | None:
+    async def forward(self, msg: dict, level: int, slot, *,
+                      msg_type: str = m.ROUTE) -> Peer | None:
         """Hand ``msg`` to the chosen slot (primary, then backups), else to
         alternates at the same level, else to suspects. Returns the node that
-        took it, or None."""
+        took it, or None. ``msg_type``: a ``tap.route``, or another message
+        with its ``level``, ``hops`` and ``detours`` (a publish batch)."""
         node = self.node
         hops = msg["hops"] + 1
         if hops > node.config.max_hops:
-            log.warning("dropping %s toward %s: hop limit", msg["kind"], short(msg["target"]))
+            log.warning("dropping %s toward %s: hop limit", msg.get("kind", msg_type),
+                        short(msg.get("target")))
             return None
         onward = dict(msg, level=level + 1, hops=hops)
         tried: set[bytes] = set()
         for n in list(slot):
             if n.suspect_since is None:
                 tried.add(n.id)
-                if await self._send(n.peer, onward):
+                if await self._send(n.peer, onward, msg_type):
                     return n.peer
         # The whole slot failed: another neighbour sharing our first ``level``
         # digits routes from the same level along a different path.
@@ -342,18 +347,18 @@ class Router:
         for peer in alts[: node.config.alternates]:
             tried.add(peer.id)
             node.stats["alternate_routes"] += 1
-            if await self._send(peer, sideways):
+            if await self._send(peer, sideways, msg_type):
                 return peer
         for n in list(slot):
             if n.id not in tried:
-                if await self._send(n.peer, onward):
+                if await self._send(n.peer, onward, msg_type):
                     return n.peer
         return None
 
-    async def _send(self, peer: Peer, body: dict) -> bool:
+    async def _send(self, peer: Peer, body: dict, msg_type: str = m.ROUTE) -> bool:
         node = self.node
         try:
-            await node.transport.request(peer, m.ROUTE, body, timeout=node.config.hop_timeout)
+            await node.transport.request(peer, msg_type, body, timeout=node.config.hop_timeout)
         except PeerError:
             node.neighbour_failed(peer.id)
             return False

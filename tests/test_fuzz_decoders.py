@@ -934,3 +934,96 @@ def test_damaged_store_entries_of_the_right_length(tmp_path_factory, damage):
         _exercise(store, a, b)
     finally:
         store.close()
+
+
+# --------------------------------------------------------------------------
+# Publish batches (overlay/publish_batch.py): bounded lists of entries, the
+# frames a hop decodes before it stores pointers for a whole burst
+
+from overlay import messages as tap  # noqa: E402
+from overlay.node import TapestryNode  # noqa: E402
+from overlay.wire.simnet import SimNetwork  # noqa: E402
+from overlay.wire.transport import Refused  # noqa: E402
+
+_ENTRY = st.fixed_dictionaries({"target": st.binary(min_size=32, max_size=32),
+                                "obj": st.binary(min_size=32, max_size=32),
+                                "epoch": st.integers(0, 2**64 - 1)})
+_PEER = st.fixed_dictionaries({"id": st.binary(min_size=32, max_size=32),
+                               "addr": st.text(max_size=20)})
+
+
+@st.composite
+def batch_frames(draw):
+    entries = draw(st.lists(_ENTRY, max_size=40))
+    if draw(st.booleans()):
+        body = {"origin": draw(_PEER), "holder": draw(_PEER), "level": draw(st.integers(0, 64)),
+                "hops": draw(st.integers(0, 255)), "entries": entries}
+        if draw(st.booleans()):
+            body["detours"] = draw(st.integers(0, 255))
+        return tap.PUBLISH_BATCH, body
+    return tap.POINTER_BATCH, {"holder": draw(_PEER), "entries": entries}
+
+
+def _check_batch_body(body: dict) -> None:
+    assert len(body["entries"]) <= tap.MAX_BATCH
+    for e in body["entries"]:
+        assert set(e) == {"target", "obj", "epoch"}
+        assert len(e["target"]) == len(e["obj"]) == 32 and 0 <= e["epoch"]
+
+
+@FUZZ
+@given(batch_frames(), st.data())
+def test_publish_batches_decode_within_bounds_or_raise_frame_error(frame, data):
+    msg_type, body = frame
+    payload = frames.encode(FrameKind.REQUEST, msg_type, 1, body)[frames.HEADER_BYTES:]
+    raw = data.draw(mutations(payload))
+    f = refused(frames.decode, raw, errors=FrameError)
+    if f is not None and f.kind == FrameKind.REQUEST and f.type in (tap.PUBLISH_BATCH,
+                                                                     tap.POINTER_BATCH):
+        _check_batch_body(f.body)
+        again = frames.encode(f.kind, f.type, f.id, f.body)
+        assert frames.decode(again[frames.HEADER_BYTES:]) == f
+
+
+@FEW
+@given(st.integers(1, 3), st.sampled_from([tap.PUBLISH_BATCH, tap.POINTER_BATCH]))
+def test_a_batch_over_the_bound_is_a_frame_error(extra, msg_type):
+    entry = {"target": b"\x01" * 32, "obj": b"\x02" * 32, "epoch": 1}
+    peer = {"id": b"\x03" * 32, "addr": "sim:x"}
+    body = {"holder": peer, "entries": [entry] * (tap.MAX_BATCH + extra)}
+    if msg_type == tap.PUBLISH_BATCH:
+        body.update(origin=peer, level=0, hops=0)
+    payload = msgpack.packb({"v": frames.PROTOCOL_VERSION, "k": 0, "t": msg_type, "i": 1,
+                             "b": body}, use_bin_type=True)
+    with pytest.raises(FrameError):
+        frames.decode(payload)
+    with pytest.raises(ValueError):      # and we never send one
+        frames.encode(FrameKind.REQUEST, msg_type, 1, body)
+
+
+@FEW
+@given(batch_frames(), st.data())
+def test_decoded_batches_reach_the_handlers_without_surprises(frame, data):
+    """Whatever decodes, the handlers take it or refuse it with a code: a
+    pointer batch stores one pointer per distinct (object, holder, target),
+    a publish batch at a node not running is refused."""
+    msg_type, body = frame
+    payload = frames.encode(FrameKind.REQUEST, msg_type, 1, body)[frames.HEADER_BYTES:]
+    f = refused(frames.decode, data.draw(mutations(payload)), errors=FrameError)
+    if f is None or f.kind != FrameKind.REQUEST or f.type not in (tap.PUBLISH_BATCH,
+                                                                   tap.POINTER_BATCH):
+        return
+    node = TapestryNode(SimNetwork(seed=1).add(Identity.from_seed(b"fuzz batch")))
+    sender = b"\x09" * 32
+
+    async def main():
+        if f.type == tap.POINTER_BATCH:
+            assert await node.router.batch.on_pointers(sender, f.body) == {}
+            stored = {(p.obj, p.target) for p in node.pointers.all()}
+            assert stored == {(e["obj"], e["target"]) for e in f.body["entries"]}
+        else:
+            with pytest.raises(Refused) as e:
+                await node.router.batch.on_batch(sender, f.body)
+            assert e.value.code in ("bad_request", "not_running")
+
+    trio.run(main)
