@@ -403,6 +403,22 @@ class MountFailed(Exception):
     """A mount process exited or did not mount in time."""
 
 
+def unmount_process(p: subprocess.Popen | None, mnt: Path, timeout: float) -> int | None:
+    """Unmount ``mnt`` served by mount process ``p`` (which then does its
+    final sync and exits) and return its exit code; a process that does not
+    exit within ``timeout`` is killed, a mount left behind detached."""
+    if p is not None and p.poll() is None:
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=60)
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    if is_mounted(mnt):
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    return None if p is None else p.returncode
+
+
 class MountProc:
     """One ``p2pfs mount VOLDIR MNT`` process (foreground, own session)."""
 
@@ -450,18 +466,7 @@ class MountProc:
     def unmount(self, timeout: float = 150) -> int | None:
         """Unmount (the process then does its final sync and exits) and
         return its exit code; a process that does not exit is killed."""
-        p = self.proc
-        if p is not None and p.poll() is None:
-            subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True,
-                           timeout=60)
-            try:
-                p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        if is_mounted(self.mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
-        return None if p is None else p.returncode
+        return unmount_process(self.proc, self.mnt, timeout)
 
     def cleanup(self) -> None:
         """Whatever state it is in: no process, no mount left."""

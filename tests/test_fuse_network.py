@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from faults_lib import unmount_process
 from overlay.wire.ids import Identity
 from p2pfs.cluster import LocalCluster, NodeProcess, python_module_argv
-from p2pfs.mount import is_live, is_mounted
+from p2pfs.mount import is_live
 from p2pfs.netbackend import mkfs_network
 from storage.ring_local import LocalRing
 
@@ -58,17 +59,7 @@ class MountProc:
         return self
 
     def stop(self) -> int | None:
-        p = self.proc
-        if p is not None and p.poll() is None:
-            subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True, timeout=60)
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        if is_mounted(self.mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
-        return None if p is None else p.returncode
+        return unmount_process(self.proc, self.mnt, 60)
 
 
 @pytest.fixture
