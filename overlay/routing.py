@@ -329,6 +329,8 @@ class Router:
                         short(msg.get("target")))
             return None
         onward = dict(msg, level=level + 1, hops=hops)
+        if msg_type == m.ROUTE:     # per kind, to tell publishing from lookups
+            node.stats["routed_" + msg["kind"]] += 1
         tried: set[bytes] = set()
         for n in list(slot):
             if n.suspect_since is None:
