@@ -51,6 +51,12 @@ class BlockAccess(abc.ABC):
         """Store several blocks, pipelined; BGUIDs in the same order."""
         return [await self.put(k, p) for k, p in items]
 
+    def name_of(self, kind: Kind, plaintext: bytes) -> bytes | None:
+        """The BGUID ``put(kind, plaintext)`` will return, computed without
+        storing anything (sealing is convergent); None when this access
+        cannot tell in advance."""
+        return None
+
     @abc.abstractmethod
     async def get(self, bguid: bytes, kind: Kind) -> bytes:
         """Fetch, verify and open a block."""

@@ -32,6 +32,9 @@ class MemoryBlockAccess(BlockAccess):
         self.puts = 0
         self.gets = 0
 
+    def name_of(self, kind: Kind, plaintext: bytes) -> bytes | None:
+        return self._sealer.seal(kind, bytes(plaintext)).bguid
+
     async def put(self, kind: Kind, plaintext: bytes) -> bytes:
         await trio.lowlevel.checkpoint()
         s = self._sealer.seal(kind, bytes(plaintext))

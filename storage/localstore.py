@@ -41,6 +41,7 @@ import os
 from pathlib import Path
 
 import lmdb
+import msgpack
 import trio
 
 from . import seal
@@ -96,6 +97,9 @@ class LocalBlocks(BlockAccess):
         # Not abandoned on cancel: an LMDB transaction always completes.
         return await trio.to_thread.run_sync(functools.partial(fn, *args),
                                              limiter=self._limiter)
+
+    def name_of(self, kind: Kind, plaintext: bytes) -> bytes | None:
+        return self._sealer.seal(kind, bytes(plaintext)).bguid
 
     async def put(self, kind: Kind, plaintext: bytes) -> bytes:
         return (await self.put_many([(kind, plaintext)]))[0]
@@ -175,9 +179,13 @@ class LocalBlocks(BlockAccess):
 
 class LocalHeadBoard(HeadBoard):
     """Writers' current log-heads in an LMDB environment at ``path`` (a
-    directory, created if missing). One database ``heads``: writer id ->
-    encoded head; ``meta`` holds the format tag. Every publish is one
-    synced transaction."""
+    directory, created if missing). Databases: ``heads``, writer id ->
+    encoded head; ``journal``, writer id -> msgpack list of the encoded
+    record blocks its head names that may not be stored yet (the
+    write-ahead journal of ``HeadBoard.publish_ahead``); ``meta`` holds the
+    format tag. Every publish is one synced transaction."""
+
+    journals = True
 
     def __init__(self, path: str | os.PathLike, *, sync: bool = True):
         self.path = Path(path)
@@ -199,11 +207,13 @@ class LocalHeadBoard(HeadBoard):
                     raise StoreFormatError(f"{self.path}: head board format {fmt!r} is not "
                                            f"{HEADS_FORMAT!r}")
                 self._heads = self._env.open_db(b"heads", txn=txn)
+                self._journal = self._env.open_db(b"journal", txn=txn)
             self._env.reader_check()  # slots of a killed process
         except BaseException:
             self._env.close()
             raise
         self._lock = trio.Lock()
+        self._n: dict[bytes, int] = {}      # writer -> publish counter stored (read once)
 
     def close(self) -> None:
         if self._env is not None:
@@ -216,26 +226,56 @@ class LocalHeadBoard(HeadBoard):
         return self._env
 
     async def publish(self, head: LogHead) -> None:
-        raw = head.encode()
-        async with self._lock:
-            await trio.to_thread.run_sync(self._publish_sync, head, raw)
+        await self.publish_ahead(head, [])
 
-    def _publish_sync(self, head: LogHead, raw: bytes) -> None:
+    async def publish_ahead(self, head: LogHead, journal: list[bytes]) -> None:
+        raw = head.encode()
+        packed = msgpack.packb(list(journal)) if journal else None
+        async with self._lock:
+            await trio.to_thread.run_sync(self._publish_sync, head, raw, packed)
+        self._n[head.writer] = head.n
+
+    async def journal(self, writer: bytes) -> list[bytes]:
+        return await trio.to_thread.run_sync(self._journal_sync, writer)
+
+    def _journal_sync(self, writer: bytes) -> list[bytes]:
+        with self._live().begin() as txn:
+            v = txn.get(writer, db=self._journal)
+        if v is None:
+            return []
+        try:
+            out = msgpack.unpackb(bytes(v))
+            if not isinstance(out, list) or not all(isinstance(b, bytes) for b in out):
+                raise ValueError("not a list of blocks")
+        except (ValueError, msgpack.UnpackException) as e:
+            raise StorageError(f"head board {self.path}: journal of writer "
+                               f"{writer[:4].hex()} is damaged: {e}") from None
+        return out
+
+    def _publish_sync(self, head: LogHead, raw: bytes, packed: bytes | None) -> None:
         with self._live().begin(write=True) as txn:
-            old = txn.get(head.writer, db=self._heads)
-            if old is not None:
-                if old == raw:
+            old_n = self._n.get(head.writer)
+            if old_n is None:
+                old = txn.get(head.writer, db=self._heads)
+                if old is not None and bytes(old) == raw and packed is None:
                     return
-                try:
-                    old_n = decode_head(old).n
-                except LogError:
-                    log.warning("head board %s: stored head of %s is unreadable; replaced",
-                                self.path, head.writer[:4].hex())
-                    old_n = 0
-                if old_n >= head.n:
-                    raise StaleHead(f"head n={head.n} of writer {head.writer[:4].hex()} is "
-                                    f"not newer than the stored n={old_n}")
+                old_n = 0
+                if old is not None:
+                    try:
+                        old_n = decode_head(old).n
+                    except LogError:
+                        log.warning("head board %s: stored head of %s is unreadable; replaced",
+                                    self.path, head.writer[:4].hex())
+            if old_n >= head.n:
+                if old_n == head.n and bytes(txn.get(head.writer, db=self._heads) or b"") == raw:
+                    return      # the same head again
+                raise StaleHead(f"head n={head.n} of writer {head.writer[:4].hex()} is "
+                                f"not newer than the stored n={old_n}")
             txn.put(head.writer, raw, db=self._heads)
+            if packed is not None:
+                txn.put(head.writer, packed, db=self._journal)
+            else:
+                txn.delete(head.writer, db=self._journal)
 
     async def fetch(self, writers: list[bytes]) -> dict[bytes, bytes]:
         writers = list(writers)

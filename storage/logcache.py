@@ -97,6 +97,9 @@ class CachedBlockAccess(BlockAccess):
         self.hits = 0
         self.misses = 0
 
+    def name_of(self, kind: Kind, plaintext: bytes) -> bytes | None:
+        return self.inner.name_of(kind, plaintext)
+
     async def put(self, kind: Kind, plaintext: bytes) -> bytes:
         g = await self.inner.put(kind, plaintext)
         self.cache.put_blocks([(g, kind, bytes(plaintext))])

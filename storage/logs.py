@@ -211,6 +211,29 @@ class HeadBoard(abc.ABC):
         after ``publish`` (certification); True when nothing is left."""
         return True
 
+    # Write-ahead heads (``Session`` uses them when ``journals`` is true): a
+    # close makes its new head durable locally *while* the record blocks it
+    # names are being stored, instead of after. The head is kept with those
+    # blocks' plaintexts (the journal) in one durable write, so a crash
+    # between the two is repaired at the next mount by storing the journal
+    # again (sealing is convergent: same bytes, same BGUIDs); and nobody else
+    # is shown the head (``release``) before its blocks are stored.
+    journals = False
+
+    async def publish_ahead(self, head: LogHead, journal: list[bytes]) -> None:
+        """Make ``head`` durable for its writer together with ``journal``
+        (the encoded record blocks it names that may not be stored yet),
+        without showing it to others."""
+        raise NotImplementedError("this board keeps no journal")
+
+    async def release(self, head: LogHead) -> None:
+        """The blocks ``head`` names are stored: show it (as ``publish``
+        does after its durable write)."""
+
+    async def journal(self, writer: bytes) -> list[bytes]:
+        """The journal kept with ``writer``'s newest head (empty if none)."""
+        return []
+
 
 class MemoryHeadBoard(HeadBoard):
     """An in-process board for single-process tests: a dict of encoded heads.
@@ -291,6 +314,31 @@ class Log:
             count += 1
         self.pending_bytes = 0
         return count
+
+    def prepare(self, name_of) -> list[tuple[bytes, int, int, bytes]] | None:
+        """Encode the queued records into blocks exactly as ``commit``
+        would, naming each by ``name_of(kind, raw)`` (the BGUID a put will
+        return) instead of storing it: [(raw, first seq, last seq, BGUID)].
+        Changes nothing; None when ``name_of`` cannot name a block."""
+        out: list[tuple[bytes, int, int, bytes]] = []
+        block, i = self.block, 0
+        while i < len(self.pending):
+            raw, take = encode_block_prefix(self.volume, self.writer, block, self.pending[i:])
+            g = name_of(Kind.RECORD, raw)
+            if g is None:
+                return None
+            out.append((raw, self.pending[i].seq, self.pending[i + take - 1].seq, g))
+            block, i = g, i + take
+        return out
+
+    def adopt(self, prepared: list[tuple[bytes, int, int, bytes]]) -> None:
+        """Take the blocks of ``prepare`` as this log's committed blocks
+        (every queued record; the caller stores them)."""
+        for _raw, first, last, g in prepared:
+            self.blocks_written.append((first, last, g))
+            self.block, self.committed = g, last
+        self.pending.clear()
+        self.pending_bytes = 0
 
     def make_head(self, knowledge: VV, *, snap: bytes | None = None) -> LogHead:
         """A new signed head for everything committed; ``knowledge`` is the

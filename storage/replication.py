@@ -162,6 +162,9 @@ class ReplicatedBlocks(BlockAccess):
 
     # ------------------------------------------------------------------ put
 
+    def name_of(self, kind: Kind, plaintext: bytes) -> bytes | None:
+        return self._sealer.seal(kind, bytes(plaintext)).bguid
+
     async def put(self, kind: Kind, plaintext: bytes) -> bytes:
         return (await self.put_many([(kind, plaintext)]))[0]
 

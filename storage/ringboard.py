@@ -24,6 +24,11 @@ cumulative, so only the newest matters; intermediate ones are skipped).
 Other writers see these updates when certified: after the partition heals,
 every reader merges every log.
 
+Write-ahead heads (``HeadBoard.publish_ahead``): the local board keeps the
+head with the record blocks it names; certification starts only at
+``release``, once those blocks are stored, so the ring never certifies a
+head whose records are missing.
+
 Waiting: with ``wait=True`` (volumes with several active writers, where
 close-to-open visibility is owed to others) ``publish`` returns once the
 head is certified or the ring proved unreachable. With ``wait=False``
@@ -143,8 +148,21 @@ class RingHeadBoard(HeadBoard):
         """A head published locally and not yet certified."""
         return self._want is not None and self._want.n > self._certified_n
 
+    @property
+    def journals(self) -> bool:
+        return self.local.journals
+
+    async def publish_ahead(self, head: LogHead, journal: list[bytes]) -> None:
+        await self.local.publish_ahead(head, journal)
+
+    async def journal(self, writer: bytes) -> list[bytes]:
+        return await self.local.journal(writer)
+
     async def publish(self, head: LogHead) -> None:
         await self.local.publish(head)          # durable first: the writer's own promise
+        await self.release(head)
+
+    async def release(self, head: LogHead) -> None:
         if self._want is None or head.n > self._want.n:
             self._want = head
             self._changed.set()
@@ -159,9 +177,15 @@ class RingHeadBoard(HeadBoard):
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Certify the newest local head whenever there is one (background)."""
         own = (await self.local.fetch([self.me])).get(self.me)
-        if own is not None:
+        try:
+            journal = await self.local.journal(self.me)
+        except StorageError as e:
+            log.warning("%s", e)
+            journal = []
+        if own is not None and not journal:
             self._want = decode_head(own)   # certify what a crash left uncertified
             self._changed.set()
+        # (With a journal, the session stores its blocks first, then releases.)
         task_status.started()
         delay = RETRY_MIN
         while True:

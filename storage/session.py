@@ -15,7 +15,15 @@ POSIX operations on top of it.
   promise counts and others can settle.
 * ``sync`` (fsync, close): group-commit the queued records into blocks and
   publish a new signed head; returns once both are stored. Close-to-open:
-  what ``sync`` returned for is visible to any later ``refresh``.
+  what ``sync`` returned for is visible to any later ``refresh``. With a
+  board that keeps journals (``HeadBoard.publish_ahead``) and up to
+  ``AHEAD_BYTES`` queued, the blocks are named before they are stored
+  (convergent sealing), and the head is made durable locally, with the
+  blocks' bytes, *while* they are stored: a close waits for the longer of
+  the two instead of their sum. The head is released to others (certified)
+  only once its blocks are stored; a crash in between is repaired at the
+  next mount, which stores the journal again before anything else; a failed
+  store is retried by the next sync before it says anything new.
 * ``refresh`` (open): fetch the heads again, check them (rollback, fork),
   read the new records, merge them (rolling back and replaying if they sort
   before records shown already), settle what every writer has seen, publish
@@ -59,6 +67,7 @@ from .vv import EMPTY
 _log = logging.getLogger(__name__)
 
 AUTO_COMMIT_BYTES = 1 << 20      # commit (not publish) once this much is queued
+AHEAD_BYTES = 256 << 10          # at most this much queued: head written ahead (docstring)
 
 
 class Session:
@@ -98,6 +107,7 @@ class Session:
         self.data_cache_limit = 32 << 20
         self._settled_at_snapshot = 0
         self._published: LogHead | None = None
+        self._unstored: list[bytes] = []   # journaled record blocks whose store failed
         self.rebuilds = 0
         self.refresh_interval_ns = 0     # open() refreshes at most this often
         self.last_refresh = -(2**62)
@@ -137,7 +147,26 @@ class Session:
         if self.cache is not None:
             self.cache.remember_heads({w: h.encode() for w, h in self.reader.heads.items()})
 
+    async def _replay_journal(self) -> None:
+        """Store again the record blocks journaled with this writer's newest
+        local head (a crash may have come before they were all stored), then
+        release that head (module docstring, ``sync``)."""
+        if not (self.board.journals and self.me is not None):
+            return
+        try:
+            journal = await self.board.journal(self.identity.id)
+        except StorageError as e:
+            _log.warning("%s: going on (its blocks are read back as usual)", e)
+            return
+        if not journal:
+            return
+        await self.blocks.put_many([(Kind.RECORD, raw) for raw in journal])
+        own = (await self.board.fetch([self.identity.id])).get(self.identity.id)
+        if own is not None:
+            await self.board.release(decode_head(own))
+
     async def _mount(self) -> None:
+        await self._replay_journal()
         ids = [p.id for p in self.view.participants]
         raws = await self.board.fetch(ids)
         candidates: list[SnapshotInfo] = []
@@ -258,19 +287,70 @@ class Session:
 
     async def _sync_locked(self, snap: bytes | None = None) -> None:
         log = self.log
-        await log.commit()
-        if (snap is None and self._published is not None
-                and self._published.seq == log.committed
-                and self._published.vv == self._promise()):
-            return  # nothing new to say
-        head = log.make_head(self.replica.knowledge, snap=snap)
-        await self.board.publish(head)
+        if self._unstored:          # a write-ahead head's blocks: store them first
+            await self.blocks.put_many([(Kind.RECORD, raw) for raw in self._unstored])
+            self._unstored = []
+            if self._published is not None:
+                await self.board.release(self._published)
+        prepared = None
+        if (snap is None and self.board.journals and log.pending
+                and log.pending_bytes <= AHEAD_BYTES):
+            prepared = log.prepare(self.blocks.name_of)
+        if prepared:
+            head = await self._store_ahead(prepared)
+        else:
+            await log.commit()
+            if (snap is None and self._published is not None
+                    and self._published.seq == log.committed
+                    and self._published.vv == self._promise()):
+                return  # nothing new to say
+            head = log.make_head(self.replica.knowledge, snap=snap)
+            await self.board.publish(head)
         self._published = head
         self.reader.heads[head.writer] = head
         self._save_heads()
         self.replica.settle()
         if snap is None:
             await self._maybe_snapshot()
+
+    async def _store_ahead(self, prepared: list[tuple[bytes, int, int, bytes]]) -> LogHead:
+        """Store ``prepared`` record blocks and make the head naming them
+        durable locally at the same time; release the head once both are
+        done (module docstring, ``sync``)."""
+        log = self.log
+        raws = [raw for raw, *_ in prepared]
+        log.adopt(prepared)         # the head covers them; its counter is spent either way
+        head = log.make_head(self.replica.knowledge)
+        failed: list[BaseException] = []
+        ahead = False
+
+        async def store() -> None:
+            try:
+                got = await self.blocks.put_many([(Kind.RECORD, raw) for raw in raws])
+                if got != [g for *_, g in prepared]:
+                    raise IOFailure("record blocks were stored under other names than "
+                                    "sealing gave them ahead")
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the head's outcome
+                self._unstored = raws
+                failed.append(e)
+
+        async def write_head() -> None:
+            nonlocal ahead
+            try:
+                await self.board.publish_ahead(head, raws)
+                ahead = True
+            except Exception as e:  # noqa: BLE001 - re-raised below
+                failed.append(e)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store)
+            nursery.start_soon(write_head)
+        if ahead:
+            self._published = head
+        if failed:
+            raise failed[0]
+        await self.board.release(head)
+        return head
 
     def _forget_settled_blocks(self) -> None:
         """Block positions are needed only from the settled point on."""
