@@ -14,7 +14,7 @@ from storage import seal
 from storage.blockapi import Kind
 from storage.errors import StorageError
 from storage.extents import Blk
-from storage.logs import decode_head
+from storage.logs import HeadBoard, decode_head
 from storage.namespace import Namespace
 from storage.records import RecordError, decode_block
 from storage.timenames import time_text
@@ -169,7 +169,7 @@ async def file_info(volume_dir, path: str) -> dict:
         return out
 
 
-class _FixedBoard:
+class _FixedBoard(HeadBoard):
     """Heads already fetched, for a reader that must not publish."""
 
     def __init__(self, heads: dict[bytes, bytes]):

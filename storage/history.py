@@ -446,6 +446,10 @@ class History:
         """Plaintext DATA blocks (an LRU of ``DATA_CACHE_BYTES``)."""
         out, missing = {}, []
         for g in dict.fromkeys(bguids):
+            b = self.session.held_data(g)   # named ahead, not stored until the next sync
+            if b is not None:
+                out[g] = b
+                continue
             b = self._data.get(g)
             if b is None:
                 missing.append(g)

@@ -228,25 +228,32 @@ class LocalHeadBoard(HeadBoard):
     async def publish(self, head: LogHead) -> None:
         await self.publish_ahead(head, [])
 
-    async def publish_ahead(self, head: LogHead, journal: list[bytes]) -> None:
+    async def publish_ahead(self, head: LogHead, journal: list[tuple[int, bytes]]) -> None:
         raw = head.encode()
-        packed = msgpack.packb(list(journal)) if journal else None
+        packed = msgpack.packb([[int(k), bytes(b)] for k, b in journal]) if journal else None
         async with self._lock:
             await trio.to_thread.run_sync(self._publish_sync, head, raw, packed)
         self._n[head.writer] = head.n
 
-    async def journal(self, writer: bytes) -> list[bytes]:
+    async def journal(self, writer: bytes) -> list[tuple[int, bytes]]:
         return await trio.to_thread.run_sync(self._journal_sync, writer)
 
-    def _journal_sync(self, writer: bytes) -> list[bytes]:
+    def _journal_sync(self, writer: bytes) -> list[tuple[int, bytes]]:
         with self._live().begin() as txn:
             v = txn.get(writer, db=self._journal)
+            v = bytes(v) if v is not None else None
         if v is None:
             return []
         try:
-            out = msgpack.unpackb(bytes(v))
-            if not isinstance(out, list) or not all(isinstance(b, bytes) for b in out):
+            items = msgpack.unpackb(v)
+            if not isinstance(items, list):
                 raise ValueError("not a list of blocks")
+            out = []
+            for e in items:
+                if (not isinstance(e, list) or len(e) != 2 or type(e[0]) is not int
+                        or not isinstance(e[1], bytes) or e[0] not in set(Kind)):
+                    raise ValueError("an entry is not [kind, block]")
+                out.append((e[0], e[1]))
         except (ValueError, msgpack.UnpackException) as e:
             raise StorageError(f"head board {self.path}: journal of writer "
                                f"{writer[:4].hex()} is damaged: {e}") from None

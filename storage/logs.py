@@ -220,17 +220,17 @@ class HeadBoard(abc.ABC):
     # is shown the head (``release``) before its blocks are stored.
     journals = False
 
-    async def publish_ahead(self, head: LogHead, journal: list[bytes]) -> None:
+    async def publish_ahead(self, head: LogHead, journal: list[tuple[int, bytes]]) -> None:
         """Make ``head`` durable for its writer together with ``journal``
-        (the encoded record blocks it names that may not be stored yet),
-        without showing it to others."""
+        ([(kind, plaintext)]: the blocks it names, directly or through its
+        records, that may not be stored yet), without showing it to others."""
         raise NotImplementedError("this board keeps no journal")
 
     async def release(self, head: LogHead) -> None:
         """The blocks ``head`` names are stored: show it (as ``publish``
         does after its durable write)."""
 
-    async def journal(self, writer: bytes) -> list[bytes]:
+    async def journal(self, writer: bytes) -> list[tuple[int, bytes]]:
         """The journal kept with ``writer``'s newest head (empty if none)."""
         return []
 

@@ -453,12 +453,14 @@ class Namespace(Session):
                 chunks.append(data[i:i + take])
                 pos += len(chunks[-1])
                 i += len(chunks[-1])
-            try:
-                bguids = await self.blocks.put_many([(Kind.DATA, c) for c in chunks])
-            except StorageError as e:
-                raise IOFailure(f"cannot store file data: {e}") from e
-            for g, c in zip(bguids, chunks):
-                self._remember(g, c)
+            bguids = self.name_ahead(chunks)     # stored by the next sync, with the records
+            if bguids is None:
+                try:
+                    bguids = await self.blocks.put_many([(Kind.DATA, c) for c in chunks])
+                except StorageError as e:
+                    raise IOFailure(f"cannot store file data: {e}") from e
+                for g, c in zip(bguids, chunks):
+                    self._remember(g, c)
             bodies, pos = [], off
             for k in range(0, len(chunks), MAX_WRITE_BLOCKS):
                 part = list(zip(bguids[k:k + MAX_WRITE_BLOCKS], chunks[k:k + MAX_WRITE_BLOCKS]))

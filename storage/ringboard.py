@@ -152,10 +152,10 @@ class RingHeadBoard(HeadBoard):
     def journals(self) -> bool:
         return self.local.journals
 
-    async def publish_ahead(self, head: LogHead, journal: list[bytes]) -> None:
+    async def publish_ahead(self, head: LogHead, journal: list[tuple[int, bytes]]) -> None:
         await self.local.publish_ahead(head, journal)
 
-    async def journal(self, writer: bytes) -> list[bytes]:
+    async def journal(self, writer: bytes) -> list[tuple[int, bytes]]:
         return await self.local.journal(writer)
 
     async def publish(self, head: LogHead) -> None:

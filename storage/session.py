@@ -24,6 +24,10 @@ POSIX operations on top of it.
   only once its blocks are stored; a crash in between is repaired at the
   next mount, which stores the journal again before anything else; a failed
   store is retried by the next sync before it says anything new.
+  File data written in small pieces is named ahead the same way
+  (``name_ahead``: up to ``DEFER_BYTES`` held here, readable at once) and
+  stored by the sync, in the same batch as the records that name it, so a
+  close of a small file costs one replicated round trip, not two.
 * ``refresh`` (open): fetch the heads again, check them (rollback, fork),
   read the new records, merge them (rolling back and replaying if they sort
   before records shown already), settle what every writer has seen, publish
@@ -67,7 +71,8 @@ from .vv import EMPTY
 _log = logging.getLogger(__name__)
 
 AUTO_COMMIT_BYTES = 1 << 20      # commit (not publish) once this much is queued
-AHEAD_BYTES = 256 << 10          # at most this much queued: head written ahead (docstring)
+AHEAD_BYTES = 1 << 20            # at most this much queued: head written ahead (docstring)
+DEFER_BYTES = 1 << 20            # file data named ahead and held until the next sync
 
 
 class Session:
@@ -108,6 +113,8 @@ class Session:
         self._settled_at_snapshot = 0
         self._published: LogHead | None = None
         self._unstored: list[bytes] = []   # journaled record blocks whose store failed
+        self._deferred: OrderedDict[bytes, bytes] = OrderedDict()  # DATA named, not stored
+        self._deferred_bytes = 0
         self.rebuilds = 0
         self.refresh_interval_ns = 0     # open() refreshes at most this often
         self.last_refresh = -(2**62)
@@ -160,7 +167,7 @@ class Session:
             return
         if not journal:
             return
-        await self.blocks.put_many([(Kind.RECORD, raw) for raw in journal])
+        await self.blocks.put_many([(Kind(k), raw) for k, raw in journal])
         own = (await self.board.fetch([self.identity.id])).get(self.identity.id)
         if own is not None:
             await self.board.release(decode_head(own))
@@ -288,18 +295,23 @@ class Session:
     async def _sync_locked(self, snap: bytes | None = None) -> None:
         log = self.log
         if self._unstored:          # a write-ahead head's blocks: store them first
-            await self.blocks.put_many([(Kind.RECORD, raw) for raw in self._unstored])
+            data = list(self._deferred.items())
+            await self._put_checked(data, self._unstored)
             self._unstored = []
             if self._published is not None:
                 await self.board.release(self._published)
         prepared = None
         if (snap is None and self.board.journals and log.pending
-                and log.pending_bytes <= AHEAD_BYTES):
+                and log.pending_bytes + self._deferred_bytes <= AHEAD_BYTES):
             prepared = log.prepare(self.blocks.name_of)
         if prepared:
             head = await self._store_ahead(prepared)
         else:
-            await log.commit()
+            # Data first, then the records naming it; until neither is left
+            # (writes go on between awaits), with no await before the head.
+            while self._deferred or log.pending:
+                await self._put_checked(list(self._deferred.items()), [])
+                await log.commit()
             if (snap is None and self._published is not None
                     and self._published.seq == log.committed
                     and self._published.vv == self._promise()):
@@ -319,17 +331,16 @@ class Session:
         done (module docstring, ``sync``)."""
         log = self.log
         raws = [raw for raw, *_ in prepared]
+        data = list(self._deferred.items())     # what these records name (and maybe more)
         log.adopt(prepared)         # the head covers them; its counter is spent either way
         head = log.make_head(self.replica.knowledge)
+        journal = [(int(Kind.DATA), b) for _, b in data] + [(int(Kind.RECORD), r) for r in raws]
         failed: list[BaseException] = []
         ahead = False
 
         async def store() -> None:
             try:
-                got = await self.blocks.put_many([(Kind.RECORD, raw) for raw in raws])
-                if got != [g for *_, g in prepared]:
-                    raise IOFailure("record blocks were stored under other names than "
-                                    "sealing gave them ahead")
+                await self._put_checked(data, raws, [g for *_, g in prepared])
             except Exception as e:  # noqa: BLE001 - re-raised below, after the head's outcome
                 self._unstored = raws
                 failed.append(e)
@@ -337,7 +348,7 @@ class Session:
         async def write_head() -> None:
             nonlocal ahead
             try:
-                await self.board.publish_ahead(head, raws)
+                await self.board.publish_ahead(head, journal)
                 ahead = True
             except Exception as e:  # noqa: BLE001 - re-raised below
                 failed.append(e)
@@ -351,6 +362,46 @@ class Session:
             raise failed[0]
         await self.board.release(head)
         return head
+
+    async def _put_checked(self, data: list[tuple[bytes, bytes]], records: list[bytes],
+                           names: list[bytes] | None = None) -> None:
+        """Store deferred DATA blocks ``data`` [(BGUID, plaintext)] and
+        record blocks in one batch; check every BGUID against the name it
+        was given ahead (``names`` for the records, when known); the stored
+        data leaves the deferred set for the block cache."""
+        if not data and not records:
+            return
+        items = [(Kind.DATA, b) for _, b in data] + [(Kind.RECORD, r) for r in records]
+        got = await self.blocks.put_many(items)     # its errors (StoreFull, ...) as they are
+        want = [g for g, _ in data] + (names if names is not None else got[len(data):])
+        if got != want:
+            raise IOFailure("blocks were stored under other names than sealing gave them ahead")
+        for g, b in data:
+            if self._deferred.pop(g, None) is not None:
+                self._deferred_bytes -= len(b)
+            self._remember(g, b)
+
+    def name_ahead(self, chunks: list[bytes]) -> list[bytes] | None:
+        """Name DATA blocks without storing them yet (module docstring,
+        ``sync``): their BGUIDs, or None when they should be stored now (too
+        much held already, or the block access cannot name ahead)."""
+        if self._deferred_bytes + sum(len(c) for c in chunks) > DEFER_BYTES:
+            return None
+        names = []
+        for c in chunks:
+            g = self.blocks.name_of(Kind.DATA, c)
+            if g is None:
+                return None
+            names.append(g)
+        for g, c in zip(names, chunks):
+            if g not in self._deferred:
+                self._deferred[g] = c
+                self._deferred_bytes += len(c)
+        return names
+
+    def held_data(self, g: bytes) -> bytes | None:
+        """A DATA block named ahead and not stored yet (None otherwise)."""
+        return self._deferred.get(g)
 
     def _forget_settled_blocks(self) -> None:
         """Block positions are needed only from the settled point on."""
@@ -502,12 +553,14 @@ class Session:
     async def _fetch(self, bguids: list[bytes]) -> dict[bytes, bytes]:
         out, missing = {}, []
         for g in dict.fromkeys(bguids):
-            b = self._data.get(g)
+            b = self._deferred.get(g)
             if b is None:
-                missing.append(g)
-            else:
+                b = self._data.get(g)
+                if b is None:
+                    missing.append(g)
+                    continue
                 self._data.move_to_end(g)
-                out[g] = b
+            out[g] = b
         if missing:
             try:
                 got = await self.blocks.get_many([(g, Kind.DATA) for g in missing])
