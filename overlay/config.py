@@ -46,6 +46,14 @@ class OverlayConfig:
     # chosen slot's backups (JSAC §V, "pointer caching"; cuts location RDP).
     spread_hops: int = 2
 
+    # A client-only node (a mount: it stores nothing) keeps a routing table
+    # to route its own requests, but never makes itself known: no join
+    # multicast, no "requester" in table queries, no "listed" heartbeats. So
+    # no other node lists it, routes through it or takes it for a root, and
+    # its routes are computed as if it were not there: mounts coming and
+    # going move no root, hence no replica placement and no repair pass.
+    client_only: bool = False
+
     def with_(self, **kw) -> "OverlayConfig":
         return replace(self, **kw)
 

@@ -67,15 +67,19 @@ async def _join_via(node: "TapestryNode", gw: Peer) -> None:
     copy = await node.transport.request(s, m.NODES, {"of": node.id, "min": 0, "table_only": True},
                                         timeout=cfg.rpc_timeout)
     await consider_all(node, [s] + [m.peer_of(x) for x in copy["nodes"]])
-    mc = await node.transport.request(
-        s, m.MCAST, {"new": m.peer_body(node.peer), "level": p, "budget": cfg.join_timeout * 0.9},
-        timeout=cfg.join_timeout)
-    await consider_all(node, [m.peer_of(x) for x in mc["nodes"]])
+    reached = 0
+    if not cfg.client_only:     # a client is never announced (OverlayConfig.client_only)
+        mc = await node.transport.request(
+            s, m.MCAST, {"new": m.peer_body(node.peer), "level": p,
+                         "budget": cfg.join_timeout * 0.9},
+            timeout=cfg.join_timeout)
+        await consider_all(node, [m.peer_of(x) for x in mc["nodes"]])
+        reached = mc["reached"]
     await nearest_neighbours(node, p)
     node.joined = True
     node.stats["joins"] += 1
     log.info("joined via %s: surrogate %s, shared prefix %d, multicast reached %d, "
-             "%d neighbours, %d requests, %.3fs", gw, short(s.id), p, mc["reached"],
+             "%d neighbours, %d requests, %.3fs", gw, short(s.id), p, reached,
              len(node.table), node.transport.stats.total_sent() - sent0,
              trio.current_time() - t0)
 
@@ -104,7 +108,8 @@ async def nearest_neighbours(node: "TapestryNode", p: int) -> None:
     """Refine rows p-1 .. 0 with the closest nodes the k closest candidates
     of the level above know (JSAC §III-C1, "nearest neighbour")."""
     k = node.config.nn_k
-    me = m.peer_body(node.peer)
+    # Asking with "requester" makes the answering node consider us.
+    me = {} if node.config.client_only else {"requester": m.peer_body(node.peer)}
     for level in range(p, 0, -1):
         cands = sorted((n for n in node.table.neighbours(level) if n.suspect_since is None),
                        key=lambda n: n.rtt)[:k]
@@ -113,8 +118,7 @@ async def nearest_neighbours(node: "TapestryNode", p: int) -> None:
         async def ask(peer: Peer) -> None:
             try:
                 r = await node.transport.request(
-                    peer, m.NODES, {"of": node.id, "min": level - 1, "max": level - 1,
-                                    "requester": me},
+                    peer, m.NODES, {"of": node.id, "min": level - 1, "max": level - 1, **me},
                     timeout=node.config.rpc_timeout)
             except (PeerError, RemoteError):
                 node.neighbour_failed(peer.id)

@@ -103,7 +103,7 @@ class Maintenance:
         async def one(p: Peer) -> None:
             async with sem:
                 try:
-                    rtt = await node.ping(p, listed=True)
+                    rtt = await node.ping(p, listed=not cfg.client_only)
                 except (PeerError, RemoteError):
                     node.neighbour_failed(p.id)
                     return

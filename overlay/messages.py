@@ -70,7 +70,9 @@ def salted(g: bytes, i: int) -> bytes:
 
 PING = frames.message(
     "tap.ping",
-    request={"addr": ADDR, "listed": bool},   # listed: the sender has us in its table
+    # listed: the sender has us in its table; client: it is a client-only
+    # node (OverlayConfig.client_only), never to be adopted.
+    request={"addr": ADDR, "listed": bool, "client": Optional(bool)},
     reply={},
 )
 

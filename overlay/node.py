@@ -214,8 +214,10 @@ class TapestryNode(DolrAPI):
     async def ping(self, peer: Peer, *, listed: bool = False) -> float:
         """Round-trip time to ``peer`` in seconds (raises PeerError/RemoteError)."""
         t0 = trio.current_time()
-        await self.transport.request(peer, m.PING, {"addr": self.peer.addr, "listed": listed},
-                                     timeout=self.config.rpc_timeout)
+        body = {"addr": self.peer.addr, "listed": listed}
+        if self.config.client_only:
+            body["client"] = True
+        await self.transport.request(peer, m.PING, body, timeout=self.config.rpc_timeout)
         now = trio.current_time()
         rtt = now - t0
         self.last_heard[peer.id] = now
@@ -302,7 +304,7 @@ class TapestryNode(DolrAPI):
         # pings us fills a hole or a free place of ours after one ping back.
         # This is also what lets the table invariant heal after failures.
         if (sender not in self.table and sender not in self._considering
-                and self.table.would_add(sender) and self.running):
+                and not body.get("client") and self.table.would_add(sender) and self.running):
             self.spawn(self.consider, peer)
         return {}
 
@@ -366,6 +368,7 @@ class TapestryNode(DolrAPI):
             "id": self.id.hex(),
             "addr": self.peer.addr,
             "joined": self.joined,
+            "client_only": self.config.client_only,
             "neighbours": len(self.table),
             "depth": self.table.depth,
             "backpointers": len(self.table.backpointers),

@@ -144,7 +144,8 @@ class BatchPublisher:
         while pending:
             groups: dict[tuple[int, int], tuple[int, list, list]] = {}
             for e, dead in pending:
-                hop = node.table.next_hop(e["target"], level0, skip=dead)
+                hop = node.table.next_hop(e["target"], level0, skip=dead,
+                                          exclude_self=node.config.client_only)
                 if hop is None:
                     p = node.pointers.get(e["obj"], holder.id, e["target"])
                     if p is not None:

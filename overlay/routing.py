@@ -211,7 +211,8 @@ class Router:
             msg["found"] = [m.peer_body(p) for p in found]
         dead: set[bytes] = set()
         while True:
-            hop = node.table.next_hop(target, msg["level"], skip=dead)
+            hop = node.table.next_hop(target, msg["level"], skip=dead,
+                                      exclude_self=node.config.client_only)
             if hop is None:
                 await self._at_root(msg, found)
                 return

@@ -89,13 +89,18 @@ class StorageNode:
     """One node's roles on ``transport`` (module docstring). ``inline``:
     store calls and sealing on the trio thread (simulations on virtual
     time). ``collectors``: NodeIDs whose ``blk.delete`` this node obeys.
-    ``service_class``: the block service (tests substitute a faulty one)."""
+    ``service_class``: the block service (tests substitute a faulty one).
+    A node with no store joins the overlay as a client only
+    (``OverlayConfig.client_only``): it is never anyone's root, so clients
+    coming and going do not move replica placement."""
 
     def __init__(self, transport: Transport, store: BlockStore | None, *,
                  config: OverlayConfig = OverlayConfig(), r: int = 3,
                  repair_interval: float = DEFAULT_INTERVAL, collectors: Sequence[bytes] = (),
                  publish: bool = True, inline: bool = False, placement_ttl: float = 30.0,
                  clock=time.time, rng=None, service_class: type[HolderService] = HolderService):
+        if store is None and not config.client_only:
+            config = config.with_(client_only=True)
         self.node = TapestryNode(transport, config=config, rng=rng)
         self.r = r
         self.inline = inline

@@ -379,17 +379,11 @@ async def test_a_forged_certificate_at_one_member_is_found_and_quarantined(net):
 
 async def test_a_repair_killed_midway_and_run_again_ends_clean(net):
     cluster, ring, vol, files, _ = net
-    # Enough blocks placed exactly as fsck places them that the repair
-    # takes a while (which blocks qualify depends on where the writing
-    # client's own node sat in the overlay: add more until there are).
-    for batch in range(4):
-        more = {f"/bulk{batch}/b{i}": bytes([i, batch]) * 6000 for i in range(60)}
-        await write_files(vol, more)
-        files.update(more)
-        _, whole_blocks = await whole(vol, cluster)
-        victims = sorted(whole_blocks)
-        if len(victims) > 60:
-            break
+    more = {f"/bulk/b{i}": bytes([i]) * 12000 for i in range(60)}
+    await write_files(vol, more)
+    files.update(more)
+    _, whole_blocks = await whole(vol, cluster)
+    victims = sorted(whole_blocks)
     assert len(victims) > 60
     await quiet(net)
     await strip(cluster, victims)
