@@ -41,6 +41,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import socket
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -66,6 +67,24 @@ log = logging.getLogger(__name__)
 
 NETWORK_FORMAT = 1
 VIEW_TIMEOUT = 15.0          # attaching waits this long for the ring's view
+
+
+def local_address(peers) -> str:
+    """The address of this machine on the way to the first reachable-looking
+    bootstrap node: the client node listens there, since routed results come
+    back to the address it gives (127.0.0.1 only works when every node shares
+    this machine's loopback). A UDP "connect" sends nothing; it only asks the
+    kernel for the route."""
+    for p in peers:
+        host = p.addr.rsplit(":", 1)[0].strip("[]")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.connect((host, 9))
+                return s.getsockname()[0]
+        except OSError:
+            continue
+    return "127.0.0.1"
 
 
 def _check_bootstrap(bootstrap: list[str], r: int) -> None:
@@ -212,7 +231,7 @@ class NetworkBackend(LocalBackend):
             ring = self._ring() if fmt.get("ring") else None
         except (IdentityError, StorageError, OSError) as e:
             raise BackendError(f"cannot open volume {self.dir}: {e}") from None
-        transport = TlsTransport(node_identity, listen=("127.0.0.1", 0))
+        transport = TlsTransport(node_identity, listen=(local_address(fmt["peers"]), 0))
         sn = StorageNode(transport, None, r=fmt["r"])
         async with trio.open_nursery() as nursery:
             try:

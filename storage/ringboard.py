@@ -69,6 +69,7 @@ HEAD_OBJECT = b"p2pfs log-head\0"
 VIEW_OBJECT = b"p2pfs view\0"
 RETRY_MIN, RETRY_MAX = 0.5, 30.0
 INTERVAL = 0.25         # seconds between background certifications (wait=False)
+PROBE_INTERVAL = 5.0    # while the ring is unreachable, fetch asks it at most this often
 
 PutRaw = Callable[[bytes], Awaitable[bytes]]        # bytes -> BGUID (hash of the bytes)
 GetRaw = Callable[[bytes], Awaitable[bytes]]        # BGUID -> verified bytes
@@ -130,6 +131,9 @@ class RingHeadBoard(HeadBoard):
         self._changed = trio.Event()                # a new head to certify
         self._hurry = trio.Event()                  # someone waits: no coalescing
         self._progress = trio.Event()               # certification advanced or failed
+        self._poke = trio.Event()                   # a new head or a settle: retry sooner
+        self._probed = -float("inf")                # trio time fetch last asked the ring
+        self._fetch_failed = False                  # that attempt reached no member
         self._reachable = True                      # the last attempt reached the ring
         self._heads: dict[bytes, bytes] = {}        # VGUID -> encoded head (immutable)
         self._last: dict[bytes, bytes] = {}         # writer -> last head fetched
@@ -166,6 +170,7 @@ class RingHeadBoard(HeadBoard):
         if self._want is None or head.n > self._want.n:
             self._want = head
             self._changed.set()
+            self._poke.set()
         if not self.wait:
             return
         self._hurry.set()
@@ -211,7 +216,7 @@ class RingHeadBoard(HeadBoard):
                         self.unreachable_since = trio.current_time()
                     self._reachable = False
                     self._wake()
-                    await trio.sleep(delay)
+                    await self._back_off(delay)
                     delay = min(delay * 2, RETRY_MAX)
                     continue
                 except (RingError, StorageError) as e:
@@ -229,9 +234,20 @@ class RingHeadBoard(HeadBoard):
         locally and is certified on the next mount)."""
         with trio.move_on_after(timeout):
             self._hurry.set()
+            self._poke.set()
             while self.pending and self._reachable:
                 await self._progress.wait()
         return not self.pending
+
+    async def _back_off(self, delay: float) -> None:
+        """Wait ``delay`` s before trying the ring again, or less (but at
+        least RETRY_MIN) when a new head is published or someone settles:
+        after a partition heals, the next close is certified at once rather
+        than when a long backoff ends."""
+        self._poke = trio.Event()
+        await trio.sleep(RETRY_MIN)
+        with trio.move_on_after(max(0.0, delay - RETRY_MIN)):
+            await self._poke.wait()
 
     def _wake(self) -> None:
         self._progress.set()
@@ -289,9 +305,21 @@ class RingHeadBoard(HeadBoard):
         """The newest certified head of each writer; for this writer, its
         local head when newer (not certified yet). When the ring cannot be
         reached, the heads fetched last (the reader's rollback checks still
-        apply to them)."""
+        apply to them). While the ring is unreachable (our certification
+        failed, or the last fetch reached no member), it is asked at most
+        every PROBE_INTERVAL seconds and other fetches answer from those
+        heads at once: a writer cut off from the ring does not wait the ring
+        client's timeout on every open."""
         out: dict[bytes, bytes] = {}
         unreachable: list[str] = []
+        now = trio.current_time()
+        others = [w for w in writers if w != self.me]
+        if (others and (not self._reachable or self._fetch_failed)
+                and now - self._probed < PROBE_INTERVAL):
+            out = {w: self._last[w] for w in others if w in self._last}
+            others = []
+        elif others:
+            self._probed = now
 
         async def one(w: bytes) -> None:
             try:
@@ -312,10 +340,11 @@ class RingHeadBoard(HeadBoard):
             out[w] = raw
             self._last[w] = raw
 
-        async with trio.open_nursery() as n:
-            for w in writers:
-                if w != self.me:
+        if others:
+            async with trio.open_nursery() as n:
+                for w in others:
                     n.start_soon(one, w)
+            self._fetch_failed = len(unreachable) == len(others)
         if self.me in writers:
             local = (await self.local.fetch([self.me])).get(self.me)
             if local is not None:

@@ -462,7 +462,14 @@ class Session:
         self._save_heads()
         if self.log is not None:
             if self.publish_on_refresh:
-                await self._sync_locked()    # our new promise; may snapshot
+                try:
+                    await self._sync_locked()    # our new promise; may snapshot
+                except StorageError as e:
+                    # Reads go on (a lookup or open must not fail because our
+                    # own queue cannot be stored now); the records stay
+                    # queued and the next close or fsync reports the error.
+                    _log.warning("after a refresh, this writer's updates could not be "
+                                 "stored yet: %s", e)
             else:
                 await self._maybe_snapshot()
 

@@ -45,7 +45,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import trio
 
@@ -422,16 +422,22 @@ def unmount_process(p: subprocess.Popen | None, mnt: Path, timeout: float) -> in
 class MountProc:
     """One ``p2pfs mount VOLDIR MNT`` process (foreground, own session)."""
 
-    def __init__(self, vol: Path, mnt: Path, log: Path, *, skew: float = 0.0):
+    def __init__(self, vol: Path, mnt: Path, log: Path, *, skew: float = 0.0,
+                 wrap: Callable[[list[str]], list[str]] | None = None):
+        # ``wrap``: turns the mount's command line into the one to run, e.g.
+        # ``Lab.netns_argv`` to run it with a lab host's network (it must exec,
+        # so that the PID held here is the mount's own).
         self.vol, self.mnt, self.log, self.skew = Path(vol), Path(mnt), Path(log), skew
+        self.wrap = wrap
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90) -> "MountProc":
         if not is_mounted(self.mnt):           # a stale mount is for p2pfs mount to clear
             self.mnt.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
+            argv = skewed_argv(self.skew, "p2pfs", "mount", str(self.vol), str(self.mnt))
             self.proc = subprocess.Popen(
-                skewed_argv(self.skew, "p2pfs", "mount", str(self.vol), str(self.mnt)),
+                self.wrap(argv) if self.wrap else argv,
                 cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                 start_new_session=True, env=child_env())
         deadline = time.monotonic() + timeout

@@ -172,6 +172,14 @@ class Lab:
         """The command line that runs ``argv`` inside ``host``."""
         return ["ip", "netns", "exec", host.ns, *argv]
 
+    def netns_argv(self, host: Host, argv: Sequence[str]) -> list[str]:
+        """The command line that runs ``argv`` with ``host``'s network but
+        this process's mount namespace (``nsenter --net``; ``ip netns exec``
+        gives the process a mount namespace of its own, so a FUSE mount made
+        inside would be invisible here). nsenter execs: the PID is the
+        program's own."""
+        return ["nsenter", f"--net={os.path.join(NETNS_DIR, host.ns)}", "--", *argv]
+
     def spawn(self, host: Host, argv: Sequence[str], **popen: Any) -> subprocess.Popen:
         """Start ``argv`` inside ``host``; the lab stops it at close if the
         caller has not."""
@@ -318,6 +326,9 @@ class LoopbackLab(Lab):
         return h
 
     def argv(self, host: Host, argv: Sequence[str]) -> list[str]:
+        return list(argv)
+
+    def netns_argv(self, host: Host, argv: Sequence[str]) -> list[str]:
         return list(argv)
 
     def run_in(self, host: Host, fn: Callable, *args: Any) -> Any:
