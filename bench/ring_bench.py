@@ -5,21 +5,28 @@ executed state), with one client alone and with 8 concurrent clients (issue
 
     .venv/bin/python bench/ring_bench.py [--updates 400] [--seconds 10] [--clients 8]
         [--no-sync] [--no-tentative] [--commit-delay S] [--pipeline N] [--batch N]
-        [--profile] [--before RING.JSON --before-label TEXT] [--tag T]
-        [--out bench/results]
+        [--profile] [--before RING.JSON --before-label TEXT]
+        [--ab OTHER_TREE [--rounds 3]] [--tag T] [--out bench/results]
 
 Each client updates its own object with a compare-and-swap predicate
 (expect_seq), waits for the 2f+1-signed certificate, verifies it, and goes
 on; latency is from request to verified certificate. For each scenario the
 benchmark reports the CPU time (user + system) every process spent per
 update, far less sensitive than wall-clock time to other load on the
-machine, and the protocol round trips per update (client requests plus
-member-to-member frames; the reply of a frame is part of its round trip).
-With ``--profile`` a second, shorter pass runs the primary and one backup
-under cProfile (CPU time) and breaks their CPU down by category;
-``--before`` shows an earlier run's ring.json next to this one.
+machine, and the protocol traffic per update (client requests, and the
+one-way frames members send each other). With ``--profile`` a second,
+shorter pass runs the primary and one backup under cProfile (CPU time) and
+breaks their CPU down by category; ``--before`` shows an earlier run's
+ring.json next to this one.
 
-Writes ``ring.json`` (all numbers and the machine) and ``ring.md`` (tables);
+On a shared machine two runs minutes apart are not comparable; ``--ab
+OTHER_TREE`` compares honestly: it runs OTHER_TREE's benchmark (its own
+ring code, e.g. the previous commit in another git worktree) and this one
+alternately, ``--rounds`` times each, shorter runs, with the load average
+before each, and reports the medians (raw runs in ``ring.ab.jsonl``).
+
+Writes ``ring.json`` (all numbers and the machine) and ``ring.md`` (tables,
+then ``ring.notes.md`` if present: history and analysis kept by hand);
 ``--tag T`` names a variant's files ``ring.T.json`` and ``ring.T.md``.
 """
 
@@ -30,7 +37,9 @@ import json
 import os
 import platform
 import pstats
+import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -139,7 +148,7 @@ async def run_scenario(lr, clients: int, count: int | None, seconds: float | Non
             "requests_per_batch": round((st1[1]["executed"] - st0[1]["executed"])
                                         / max(batches, 1), 2),
             "client_requests_per_update": round(sum(reqs) / u, 2),
-            "member_round_trips_per_update": round(frames / u, 2),
+            "member_frames_per_update": round(frames / u, 2),
             "cpu_ms_per_update": round(members_cpu + client_cpu, 2),
             "members_cpu_ms_per_update": round(members_cpu, 2),
             "client_cpu_ms_per_update": round(client_cpu, 2),
@@ -269,8 +278,8 @@ def write(results: dict, out: Path, tag: str = "") -> None:
         f"{m['loadavg_end'][0]:.2f}. The machine is shared with other engineers' runs: "
         f"wall-clock figures move a lot with their load, CPU time per update much less "
         f"(but it too grows on busy cores).", "",
-        "| clients | updates | updates/s | p50 ms | p99 ms | requests/batch | round trips/update "
-        "(client + members) | CPU ms/update: primary, backup, client, total | CPU-bound "
+        "| clients | updates | updates/s | p50 ms | p99 ms | requests/batch | per update: client "
+        "requests + member frames | CPU ms/update: primary, backup, client, total | CPU-bound "
         "ceiling, updates/s |",
         "|---|---|---|---|---|---|---|---|---|"]
     for s in results["scenarios"]:
@@ -278,7 +287,7 @@ def write(results: dict, out: Path, tag: str = "") -> None:
         lines.append(
             f"| {s['clients']} | {s['updates']} | {s['updates_per_s']} | {s['p50_ms']} | "
             f"{s['p99_ms']} | {s['requests_per_batch']} | {s['client_requests_per_update']} + "
-            f"{s['member_round_trips_per_update']} | {p['primary']}, {p['backup (mean)']}, "
+            f"{s['member_frames_per_update']} | {p['primary']}, {p['backup (mean)']}, "
             f"{p['client']}, {s['cpu_ms_per_update']} | {s['cpu_bound_updates_per_s']} |")
     before = results.get("before")
     if before:
@@ -296,6 +305,9 @@ def write(results: dict, out: Path, tag: str = "") -> None:
               "in the total; the backup column is one of them). The ceiling is "
               f"{m['cores']} cores / total CPU per update, on an otherwise idle machine.", "",
               "Target (issue 5): >= 200 updates/s and p50 <= 10 ms.", ""]
+    ab = results.get("ab")
+    if ab:
+        lines += ab_table(ab)
     prof = results.get("profile")
     if prof:
         lines += ["## Where a member's CPU goes (cProfile, CPU clock, self time)", "",
@@ -311,7 +323,62 @@ def write(results: dict, out: Path, tag: str = "") -> None:
         lines.append(f"| total (profiled) | {pm['total_ms_per_update']} | "
                      f"{bm['total_ms_per_update']} |")
         lines.append("")
+    notes = out / f"{stem}.notes.md"
+    if notes.exists():
+        lines += [notes.read_text()]
     (out / f"{stem}.md").write_text("\n".join(lines))
+
+
+# ---- alternating with another tree's code ------------------------------------------------
+
+
+def alternate(other: Path, rounds: int, out: Path, extra: list[str],
+              other_extra: list[str], stem: str = "ring") -> dict:
+    """Run ``other``'s benchmark and this one by turns (see module
+    docstring); short runs, 200 updates alone and 6 s with the clients."""
+    runs = []
+    short = ["--updates", "200", "--seconds", "6"]
+    trees = [("other", other.resolve()), ("this", Path(__file__).resolve().parent.parent)]
+    for r in range(rounds):
+        for label, tree in trees:
+            with tempfile.TemporaryDirectory() as d:
+                load = os.getloadavg()[0]
+                cmd = [sys.executable, str(tree / "bench" / "ring_bench.py"), *short, "--out", d]
+                cmd += extra if label == "this" else other_extra
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=tree)
+                res = json.loads((Path(d) / "ring.json").read_text())
+            runs.append({"round": r, "code": label, "loadavg_before": load,
+                         "scenarios": res["scenarios"]})
+            print(json.dumps({k: runs[-1][k] for k in ("round", "code", "loadavg_before")}
+                             | {"p50_ms": [s["p50_ms"] for s in res["scenarios"]],
+                                "updates_per_s": [s["updates_per_s"] for s in res["scenarios"]]}),
+                  flush=True)
+    (out / f"{stem}.ab.jsonl").write_text("".join(json.dumps(x) + "\n" for x in runs))
+    return {"other": str(other), "rounds": rounds, "extra_args": extra,
+            "other_args": other_extra, "raw": f"{stem}.ab.jsonl", "runs": runs}
+
+
+def ab_table(ab: dict) -> list[str]:
+    med = statistics.median
+    rows = ["## This code and the other alternating (same machine, same minutes)", "",
+            f"{ab['rounds']} rounds, each the other tree's benchmark ("
+            f"{ab.get('label') or '`' + ab['other'] + '`'}, its "
+            f"own ring code, arguments `{' '.join(ab.get('other_args') or []) or 'its defaults'}`)"
+            f" and then this one (arguments `{' '.join(ab['extra_args'])}`), "
+            f"`--updates 200 --seconds 6`; medians "
+            f"over the rounds. Raw runs and the load average before each: "
+            f"`{ab.get('raw', 'ring.ab.jsonl')}`.", "",
+            "| code | clients | updates/s | p50 ms | p99 ms | CPU ms/update | load averages |",
+            "|---|---|---|---|---|---|---|"]
+    for code in ("other", "this"):
+        runs = [x for x in ab["runs"] if x["code"] == code]
+        loads = ", ".join(f"{x['loadavg_before']:.1f}" for x in runs)
+        for k in range(len(runs[0]["scenarios"])):
+            sc = [x["scenarios"][k] for x in runs]
+            rows.append(f"| {code} | {sc[0]['clients']} | {med(s['updates_per_s'] for s in sc)} | "
+                        f"{med(s['p50_ms'] for s in sc)} | {med(s['p99_ms'] for s in sc)} | "
+                        f"{med(s['cpu_ms_per_update'] for s in sc)} | {loads} |")
+    return rows + [""]
 
 
 if __name__ == "__main__":
@@ -323,16 +390,29 @@ if __name__ == "__main__":
     ap.add_argument("--no-tentative", action="store_true",
                     help="members execute only decided batches")
     ap.add_argument("--commit-delay", type=float, default=0.05)
-    ap.add_argument("--pipeline", type=int, default=2, help="batches in flight at the primary")
+    ap.add_argument("--pipeline", type=int, default=1,
+                    help="batches in flight at the primary (1: bigger batches, which is what "
+                         "a CPU-bound ring wants)")
     ap.add_argument("--batch", type=int, default=64, help="requests per batch at most")
     ap.add_argument("--profile", action="store_true", help="add a CPU profile pass")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--tag", default="", help="name a variant: ring.TAG.json, ring.TAG.md")
     ap.add_argument("--before", type=Path, help="a ring.json of an earlier run to show too")
     ap.add_argument("--before-label", default="", help="what the earlier run was")
+    ap.add_argument("--ab", type=Path, metavar="OTHER_TREE",
+                    help="also alternate with OTHER_TREE's benchmark (module docstring)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of --ab")
+    ap.add_argument("--ab-other-args", default="", help="arguments for OTHER_TREE's benchmark")
+    ap.add_argument("--ab-label", default="", help="what OTHER_TREE is (e.g. its commit)")
     a = ap.parse_args()
     res = trio.run(main, a)
-    res["command"] = " ".join([".venv/bin/python", "bench/ring_bench.py"] + sys.argv[1:])
+    if a.ab:
+        res["ab"] = alternate(a.ab, a.rounds, Path(a.out),
+                              ["--pipeline", str(a.pipeline), "--batch", str(a.batch),
+                               "--commit-delay", str(a.commit_delay)], a.ab_other_args.split(),
+                              "ring" + (f".{a.tag}" if a.tag else ""))
+        res["ab"]["label"] = a.ab_label
+    res["command"] = shlex.join([".venv/bin/python", "bench/ring_bench.py"] + sys.argv[1:])
     if a.before:
         res["before"] = json.loads(a.before.read_text())
         res["before"]["label"] = a.before_label or str(a.before)

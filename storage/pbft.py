@@ -26,7 +26,9 @@ Invariants (f or fewer faulty members):
   client and answers retries from it.
 
 Liveness comes from timers (view change, ``ring_viewchange``) and catch-up
-(``ring_transfer``). Side effects follow S2 of ``ring_store``: every message
+(``ring_transfer``). Members send each other their messages in one-way
+frames (``ring_outbox``), handled in the receiving connection's reading
+task. Side effects follow S2 of ``ring_store``: every message
 and every reply to a client is released only after the writes it depends on
 are committed (one group commit per burst of events, by ``_flush_loop``);
 the commit is fsynced only when results of an execution are released (the
@@ -137,14 +139,14 @@ class PbftConfig:
     view_change_timeout: float = 1.0   # doubled per failed view change ...
     max_backoff: int = 3               # ... at most 2**3 times
     catchup_interval: float = 0.5
-    send_timeout: float = 2.0
+    send_timeout: float = 2.0         # longest an outbox may take to hand a frame over
     max_outbox: int = 20000
     max_pending: int = 20000
     max_wait: float = 30.0             # longest a client request handler waits
     max_skew_ms: int = 120_000         # batch time vs our clock, normal case
     client_window: int = 64            # request ids remembered per client
     share_wait: float = 0.5            # primary: how long to wait for the others' shares
-    outbox_inflight: int = 4           # frames in flight to one peer
+    share_check: float = 0.25          # primary: fraction of shares it checks (ring_requests)
     tentative: bool = True             # execute once prepared (TOCS 5.1.2)
     commit_delay: float = 0.05         # primary: hold COMMITTED this long for a ride
 
@@ -195,14 +197,12 @@ class Replica(AgreementMixin, ExecutionMixin, RequestMixin, CheckpointMixin, Vie
         self._bad_from = [0] * ring.n
         # effects, released by _flush_loop after the store commits
         self._out: list[tuple[int | None, dict]] = []
+        self._later: list[tuple[int, int, dict]] = []   # (epoch, member, COMMITTED): _take_in
         self._wake: list[tuple] = []
         self._durable = False                    # the next commit releases results: fsync
         self._waiters: dict[tuple, trio.Event] = {}
         self._unreleased: set[tuple] = set()     # executed, result not yet durable
         self._dirty = trio.Event()
-        self._gen_next = 0                       # flushes started / finished: replies to
-        self._gen_done = -1                      # a frame wait for the flush of its effects
-        self._flushed = trio.Event()
         self.mute_view = -1                      # say nothing in views up to this one
         self._timer_changed = trio.Event()
         self.outboxes: dict[int, Outbox] = {}
@@ -326,11 +326,9 @@ class Replica(AgreementMixin, ExecutionMixin, RequestMixin, CheckpointMixin, Vie
         scope = self._outbox_scope = trio.CancelScope()
         for j, m in enumerate(self.ring.members):
             if j != self.i:
-                self.outboxes[j] = Outbox(
-                    self.transport, Peer(m.id, m.addr),
-                    deliver=lambda msgs, j=j, pid=m.id: self._on_reply_msgs(j, pid, msgs),
-                    max_queue=self.cfg.max_outbox, timeout=self.cfg.send_timeout,
-                    inflight=self.cfg.outbox_inflight, clock=self.clock)
+                self.outboxes[j] = Outbox(self.transport, Peer(m.id, m.addr),
+                                          max_queue=self.cfg.max_outbox,
+                                          timeout=self.cfg.send_timeout)
         boxes = list(self.outboxes.values())
 
         async def run_all():
@@ -342,11 +340,10 @@ class Replica(AgreementMixin, ExecutionMixin, RequestMixin, CheckpointMixin, Vie
         self._nursery.start_soon(run_all)
 
     def traffic(self) -> dict[str, int]:
-        """Protocol traffic so far: round trips this member started, and
-        messages it sent in them and in its replies."""
+        """Protocol traffic so far: frames this member sent to the others
+        (one-way, ``ring_outbox``) and the messages in them."""
         obs = self.outboxes.values()
-        return {"frames_sent": sum(o.frames for o in obs), "msgs_sent": sum(o.sent for o in obs),
-                "msgs_in_replies": sum(o.replied for o in obs)}
+        return {"frames_sent": sum(o.frames for o in obs), "msgs_sent": sum(o.sent for o in obs)}
 
     # ------------------------------------------------------------ effects
 
@@ -377,22 +374,30 @@ class Replica(AgreementMixin, ExecutionMixin, RequestMixin, CheckpointMixin, Vie
             self._dirty = trio.Event()
             out, wake, durable = self._out, self._wake, self._durable
             self._out, self._wake, self._durable = [], [], False
-            gen = self._gen_next
-            self._gen_next += 1
             await self.store.commit(durable=False)       # S2: committed before released
             results = []
-            for to, msg in out:
-                if msg["t"] in M.RESULTS:
-                    results.append((to, msg))
-                else:
-                    self._route(to, msg)
             if durable:
                 # Results (client replies, certificate shares) only once
-                # fsynced. The messages above need not wait for the disk:
-                # a few scheduler passes let the outboxes put them on the
-                # wire before an inline fsync stops this thread.
+                # fsynced. Other messages need not wait for the disk, but a
+                # COMMIT for a member that gets results too goes in their
+                # frame (a backup's COMMIT with its SHARES: one frame, and
+                # the decision it serves is on nobody's critical path).
+                later = {to for to, msg in out if msg["t"] in M.RESULTS}
+                for to, msg in out:
+                    if msg["t"] in M.RESULTS or (msg["t"] == "c" and to in later):
+                        results.append((to, msg))
+                    else:
+                        self._route(to, msg)
+            else:
+                for to, msg in out:
+                    self._route(to, msg)
+            if durable:
+                # A few scheduler passes let the outboxes put what was routed
+                # on the wire before an inline fsync stops this thread.
                 if out and not self.store.threaded:
-                    for _ in range(3):
+                    for _ in range(4):
+                        if all(ob.idle for ob in self.outboxes.values()):
+                            break
                         await trio.sleep(0)
                 await self.store.sync()
             for to, msg in results:
@@ -402,16 +407,8 @@ class Replica(AgreementMixin, ExecutionMixin, RequestMixin, CheckpointMixin, Vie
                 ev = self._waiters.pop(key, None)
                 if ev is not None:
                     ev.set()
-            self._gen_done = gen
-            self._flushed.set()
-            self._flushed = trio.Event()
-
-    async def _until_flushed(self) -> None:
-        """Wait until what was queued so far is committed and released."""
-        target = self._gen_next
-        with trio.move_on_after(self.cfg.send_timeout):
-            while self._gen_done < target:
-                await self._flushed.wait()
+            if self._later:
+                self._take_in_later()      # (its effects: the next round)
 
     # ------------------------------------------------------------ persistence
 
@@ -427,29 +424,21 @@ class Replica(AgreementMixin, ExecutionMixin, RequestMixin, CheckpointMixin, Vie
     # ------------------------------------------------------------ incoming
 
     async def _on_msgs(self, sender: bytes, body: dict) -> dict:
+        """A frame of protocol messages from another member: one-way
+        (``ring_outbox``), handled in the connection's reading task, so it
+        never blocks; what they make us do leaves by the flush loop."""
         j = self.ring.index_of(sender)
         if j is None or j == self.i or self.retired:
             raise Refused("not_member", f"not a protocol peer in ring epoch {self.ring.epoch}")
-        ob = self.outboxes.get(j)
-        at = body.get("at")
-        if ob is None or at is None or abs(self.clock() - at) > self.cfg.send_timeout / 2:
-            # The sender may have given up on this frame (ring_outbox): what
-            # we have for it goes by our outbox, not in a reply it may drop.
-            self._take_in(j, body["msgs"])
-            return {}
-        # Answer with what we have for j once these messages' effects are
-        # committed (ring_outbox): usually the next protocol step.
-        ob.hold()
-        try:
-            self._take_in(j, body["msgs"])
-            if any(to is None or to == j for to, _ in self._out):
-                await self._until_flushed()
-            return {"msgs": ob.take()}
-        finally:
-            ob.release()
+        self._take_in(j, body["msgs"])
+        return {}
 
     def _take_in(self, j: int, msgs: list) -> None:
-        """Process messages member j sent us (in a frame or in a reply)."""
+        """Process messages member j sent us. COMMITTEDs wait until what the
+        others made us do has left (:meth:`_take_in_later`): a backup's
+        COMMITTED rides with the next PRE-PREPARE, whose PREPARE is on the
+        next update's critical path, while the decision only makes an
+        executed batch final."""
         if self.retired or j >= self.ring.n:
             return
         for m in msgs:
@@ -460,22 +449,34 @@ class Replica(AgreementMixin, ExecutionMixin, RequestMixin, CheckpointMixin, Vie
                 # and a NEW-VIEW prove themselves: anyone may relay them.
                 if t not in ("rq", "nv") and m["i"] != j:
                     raise BadMessage(f"{t} from member {j} claims to be from {m['i']}")
+                if t == "cc":
+                    self._later.append((self.ring.epoch, j, m))
+                    continue
                 self._on_msg(j, t, m)
             except BadMessage as e:
-                self.stats["bad_msgs"] += 1
-                self._bad_from[j] += 1
-                # The first one from each member, then one in a thousand: a
-                # faulty member must not flood the log.
-                if self._bad_from[j] % 1000 == 1:
-                    log.warning("member %d: dropping message from member %d (%d so far): %s",
-                                self.i, j, self._bad_from[j], e)
+                self._dropped(j, e)
         self._kick()
 
-    def _on_reply_msgs(self, j: int, peer_id: bytes, msgs: list) -> None:
-        # Replies come on our own connection to that member (whose key the
-        # transport checked); the index may have moved in a reconfiguration.
-        if self.ring.index_of(peer_id) == j:
-            self._take_in(j, msgs)
+    def _take_in_later(self) -> None:
+        later, self._later = self._later, []
+        for epoch, j, m in later:
+            if epoch != self.ring.epoch or self.retired:
+                continue                  # the ring changed meanwhile: j is someone else
+            try:
+                self._on_msg(j, m["t"], m)
+            except BadMessage as e:
+                self._dropped(j, e)
+        if later:
+            self._kick()
+
+    def _dropped(self, j: int, e: BadMessage) -> None:
+        self.stats["bad_msgs"] += 1
+        self._bad_from[j] += 1
+        # The first one from each member, then one in a thousand: a faulty
+        # member must not flood the log.
+        if self._bad_from[j] % 1000 == 1:
+            log.warning("member %d: dropping message from member %d (%d so far): %s",
+                        self.i, j, self._bad_from[j], e)
 
     def _on_msg(self, j: int, t: str, m: dict) -> None:
         if t in M.AGREEMENT:
@@ -490,6 +491,8 @@ class Replica(AgreementMixin, ExecutionMixin, RequestMixin, CheckpointMixin, Vie
                     self._future.append((j, m))
                 return
             if not self.h < m["n"] <= self.h + self.cfg.window:
+                if m["n"] > self.h + self.cfg.window:
+                    self._above_window = True     # (ring_transfer: we may be behind)
                 return
             self._agreement_handlers[t](j, m)
         elif t == "sh":
@@ -535,6 +538,12 @@ class Replica(AgreementMixin, ExecutionMixin, RequestMixin, CheckpointMixin, Vie
         if not self.is_primary() or self.need_state:
             return
         cfg = self.cfg
+        if self.my_inflight:
+            # In flight until decided (a batch a NEW-VIEW re-proposed may have
+            # been decided in the old view already) or dropped at a checkpoint:
+            # a stale entry would hold back every later batch (pipeline 1).
+            self.my_inflight = {n for n in self.my_inflight
+                                if (s := self.slots.get(n)) is not None and s.decided is None}
         while (self.queue and len(self.my_inflight) < cfg.pipeline
                and self.next_seq <= self.h + cfg.window):
             reqs = []

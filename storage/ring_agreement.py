@@ -6,14 +6,16 @@ For one batch at seq n in view v, primary P, backups B:
 
     P -> B   PRE-PREPARE(v, n, d, batch)   signed; each backup checks it and
                                            every client request in it
-    B -> P   PREPARE(v, n, d)              signed, in the reply
+    B -> P   PREPARE(v, n, d)              signed
     P -> B   PREPARED(v, n, d, 2f PREPAREs)
-    B -> P   COMMIT(v, n, d)               signed, in the reply, with the
+    B -> P   COMMIT(v, n, d)               signed, in one frame with the
              SHARES(n, d, ...)             certificate shares of the batch's
                                            results (executed tentatively,
                                            ``ring_execution``, ``ring_requests``)
     P -> B   COMMITTED(v, n, d, 2f COMMITs)  held a moment, to ride with the
                                            next PRE-PREPARE or PREPARED
+
+Each arrow is one one-way frame (``ring_outbox``): four per backup and batch.
 
 Predicates, as in PBFT. *Prepared* (v, n, d) at a member: it accepted the
 pre-prepare and holds 2f valid PREPAREs for it from distinct backups (the
@@ -31,10 +33,18 @@ take over), never forge.
 
 A PREPARED or COMMITTED that arrives before its pre-prepare waits in the
 slot (a few per slot at most). Votes for a digest other than the one the
-pre-prepare fixed are ignored at the primary and refused at backups.
-Messages get lost (a frame times out, a reply comes after its sender gave
-up): the primary re-sends a batch's PRE-PREPARE or PREPARED when it stalls
+pre-prepare fixed are ignored at the primary and refused at backups. The
+primary checks the signature of every vote it relays; a COMMIT that comes
+after the COMMITTED went out is relayed to nobody and counted for nothing
+but the bookkeeping of re-sends, so it is not checked.
+Messages get lost (a frame is dropped, a connection fails): the primary
+re-sends a batch's PRE-PREPARE or PREPARED when it stalls
 (:meth:`_resend_stalled`), and a backup answers a duplicate with its vote.
+Once a batch is decided the primary needs nothing more, but a backup that
+lost its PRE-PREPARE or PREPARED would stay behind until new requests came
+(perhaps never): so the primary also re-sends a decided batch's PRE-PREPARE
+and COMMITTED to the backups whose COMMIT it has not seen
+(:meth:`_resend_decided`).
 """
 
 from __future__ import annotations
@@ -58,7 +68,7 @@ class Slot:
     """What one member knows of one sequence number."""
 
     __slots__ = ("n", "view", "digest", "batch", "pp", "prepares", "commits", "prepared",
-                 "decided", "cc_view", "early", "since")
+                 "decided", "cc_view", "cc", "acked", "early", "since")
 
     def __init__(self, n: int):
         self.n = n
@@ -71,6 +81,8 @@ class Slot:
         self.prepared = False
         self.decided: tuple[bytes, bytes] | None = None   # (digest, batch)
         self.cc_view = -1                                 # primary: COMMITTED sent in this view
+        self.cc: dict | None = None                       # primary: ... this one
+        self.acked: set[int] = set()                      # primary: who COMMITted, late ones too
         self.early: list[dict] = []                       # PREPARED/COMMITTED before the pp
         self.since = 0.0                                  # primary: last progress (trio time)
 
@@ -84,6 +96,8 @@ class AgreementMixin:
         # signed fields and the signature, so a known signature cannot be
         # re-used under other fields.
         self._votes_ok: OrderedDict[tuple, None] = OrderedDict()
+        self._unacked: set[int] = set()   # primary: decided seqs some backup did not COMMIT
+        self._idle_cc = (0, 0)            # primary: (seq, times) its COMMITTED went again, idle
 
     def _slot(self, n: int) -> Slot:
         s = self.slots.get(n)
@@ -148,6 +162,8 @@ class AgreementMixin:
         slot.prepares = {k: p for k, p in slot.prepares.items() if (p["v"], p["d"]) == (v, d)}
         slot.commits = {}
         slot.cc_view = -1
+        slot.cc = None
+        slot.acked = set()
         slot.since = trio.current_time()
         self._persist_slot(slot)
         primary = self.ctx.primary(v)
@@ -240,6 +256,13 @@ class AgreementMixin:
         if (slot is None or not slot.prepared or j in slot.commits
                 or (c["v"], c["d"]) != (slot.view, slot.digest)):
             return
+        if slot.cc_view == slot.view:
+            # Late: the COMMITTED went out already, so this vote is relayed
+            # to nobody and needs no check; it only stops re-sending.
+            slot.acked.add(j)
+            if len(slot.acked) >= self.ring.n - 1:
+                self._unacked.discard(slot.n)
+            return
         self.ctx.check_sig(c)
         slot.commits[j] = c
         self._check_committed(slot)
@@ -251,13 +274,22 @@ class AgreementMixin:
         if len(cs) < 2 * self.f:
             return
         slot.cc_view = slot.view
-        self._send_committed(M.committed(self.i, slot.view, slot.n, slot.digest, cs))
+        slot.cc = M.committed(self.i, slot.view, slot.n, slot.digest, cs)
+        slot.acked = {k for k in slot.commits if k != self.i}
+        slot.since = trio.current_time()
+        if len(slot.acked) < self.ring.n - 1:
+            self._unacked.add(slot.n)
+        self._send_committed(slot.cc)
         if slot.decided is None:
             self._decide(slot, slot.digest, slot.batch)
+        elif slot.n in self.my_inflight:
+            # Decided in an earlier view and proposed again by a NEW-VIEW.
+            self.my_inflight.discard(slot.n)
+            self._try_propose()
 
     def _resend_stalled(self, older_than: float) -> None:
-        """Primary: messages get lost (a frame times out, a reply comes too
-        late); PBFT recovers by retransmission. A batch of ours that made
+        """Primary: messages get lost (a frame is dropped, a connection
+        fails); PBFT recovers by retransmission. A batch of ours that made
         no progress for ``older_than`` seconds gets its PRE-PREPARE again
         at the backups that did not PREPARE, or its PREPARED at those that
         did not COMMIT; they answer a duplicate with their vote again."""
@@ -279,6 +311,67 @@ class AgreementMixin:
                 elif j not in slot.commits:
                     ps = [p for k, p in sorted(slot.prepares.items()) if k != self.i]
                     self._send(M.prepared(self.i, slot.view, n, slot.digest, ps), to=j)
+
+    def _resend_decided(self, older_than: float) -> None:
+        """Primary: a backup that has neither COMMITted nor executed (its
+        SHARES say how far it got) a decided batch of this view for
+        ``older_than`` seconds gets the newest such batch's PRE-PREPARE (if
+        it never PREPAREd) and COMMITTED again: enough for it to decide that
+        batch and, finding the ones before it missing, to catch up on them
+        (``ring_transfer``). One batch per backup per call: a backup that is
+        down costs two dropped messages a call."""
+        if not self.is_primary():
+            self._unacked.clear()
+            return
+        now = trio.current_time()
+        self._resend_last_decision(now, older_than)
+        if not self._unacked:
+            return
+        done, newest = set(), {}
+        for n in self._unacked:
+            slot = self.slots.get(n)
+            if slot is None or slot.cc is None or slot.view != self.view:
+                done.add(n)                       # gone with a checkpoint or a view change
+                continue
+            behind = [j for j in range(self.ring.n) if j != self.i and j not in slot.acked
+                      and self.seen_seq[j] < n]
+            if not behind:
+                done.add(n)
+            elif now - slot.since >= older_than:
+                for j in behind:
+                    newest[j] = max(newest.get(j, 0), n)
+        self._unacked -= done
+        for j, n in newest.items():
+            slot = self.slots[n]
+            slot.since = now
+            if j not in slot.prepares:
+                self._send(slot.pp, to=j)
+            self._send(slot.cc, to=j)
+
+    def _resend_last_decision(self, now: float, older_than: float, times: int = 3,
+                              last: int = 16) -> None:
+        """Primary, with nothing in flight: the COMMITTEDs of its ``last``
+        decided batches again, to every backup, ``times`` times. A backup
+        that COMMITted but lost a COMMITTED would otherwise never make that
+        batch final (nothing tells the primary), and a member catching up
+        executes a batch only once f+1 others attest it decided."""
+        n = self.committed_seq
+        if self.my_inflight or self.queue or n == 0:
+            return
+        seq, count = self._idle_cc
+        if seq != n:
+            seq, count = n, 0
+        if count >= times:
+            return
+        top = self.slots.get(n)
+        if top is None or now - top.since < older_than:
+            return
+        self._idle_cc = (n, count + 1)
+        top.since = now
+        for k in range(max(self.h + 1, n - last + 1), n + 1):
+            slot = self.slots.get(k)
+            if slot is not None and slot.cc is not None and slot.view == self.view:
+                self._send(slot.cc)
 
     def _on_committed(self, j: int, cc: dict) -> None:
         v, n, d = cc["v"], cc["n"], cc["d"]

@@ -1,8 +1,8 @@
 """PBFT protocol messages: formats, signatures and the checks of proofs
 (Castro and Liskov, TOCS 2002, sections 4.2-4.4; PAPERS.md "PBFT").
 
-Messages travel between ring members inside ``pbft.msgs`` frames (and in
-their replies, see ``ring_outbox``) as plain maps, each with a type ``t``:
+Messages travel between ring members inside one-way ``pbft.msgs`` frames
+(``ring_outbox``) as plain maps, each with a type ``t``:
 
     pp   PRE-PREPARE  v n d i s b   primary i of view v orders batch b (digest d) at seq n
     p    PREPARE      v n d i s     backup i accepted that pre-prepare (to the primary)
@@ -98,8 +98,10 @@ SHAPES = {k: frames.spec(v) for k, v in
           {"pp": _PP, "p": _P, "pc": _PC, "c": _C, "cc": _CC, "sh": _SH, "ck": _CK, "vc": _VC,
            "nv": _NV, "rq": _RQ}.items()}
 
-# The frames carrying these (registered once, shared by every member); the
-# reply carries the answering member's messages for the sender.
+# The frames carrying these (registered once, shared by every member), sent
+# one-way (``Transport.send``). ``at`` and the reply's ``msgs`` are no longer
+# used (members used to answer a frame with their messages for its sender);
+# they stay in the schema so that frames of members not yet upgraded decode.
 MSGS = frames.message("pbft.msgs", {"msgs": ListOf(frames.AnyValue(), max=MAX_MSGS),
                                     "at": frames.Optional(float)},
                       {"msgs": frames.Optional(ListOf(frames.AnyValue(), max=MAX_MSGS))})
@@ -113,11 +115,75 @@ def check_shape(m) -> str:
     shape = SHAPES.get(t) if type(t) is str else None
     if shape is None:
         raise BadMessage(f"unknown message type {str(t)[:8]!r}")
+    fast = _FAST.get(t)
+    if fast is not None and fast(m):
+        return t
     try:
         shape.check(m, t)
     except frames.FrameError as e:
         raise BadMessage(str(e)) from None
     return t
+
+
+# The normal case's messages, checked without the generic schema walk (which
+# builds a path string per field): the same rules as their shapes above,
+# answering only yes or no; a "no" goes through the generic check, which
+# says what is wrong.
+
+_VOTE_KEYS = frozenset(("t", "v", "n", "d", "i", "s"))
+_PP_KEYS = _VOTE_KEYS | {"b"}
+_PC_KEYS = frozenset(("t", "v", "n", "d", "i", "ps"))
+_CC_KEYS = frozenset(("t", "v", "n", "d", "i", "cs"))
+_SH_KEYS = frozenset(("t", "n", "d", "i", "s"))
+_TOP = 2**63 - 1
+
+
+def _u64(x) -> bool:
+    return type(x) is int and 0 <= x <= _TOP
+
+
+def _head_ok(m) -> bool:
+    """``v``, ``n``, ``d`` and ``i`` of a normal-case message."""
+    t, d, i = m["t"], m["d"], m["i"]
+    return (type(t) is str and len(t) <= 4 and _u64(m["v"]) and _u64(m["n"])
+            and type(d) is bytes and len(d) == 32 and type(i) is int and 0 <= i <= 63)
+
+
+def _vote_ok(m) -> bool:
+    if type(m) is not dict or m.keys() != _VOTE_KEYS or not _head_ok(m):
+        return False
+    sig = m["s"]
+    return type(sig) is bytes and len(sig) == 64
+
+
+def _pp_ok(m) -> bool:
+    if m.keys() != _PP_KEYS or not _head_ok(m):
+        return False
+    sig, b = m["s"], m["b"]
+    return type(sig) is bytes and len(sig) == 64 and type(b) is bytes \
+        and len(b) <= MAX_BATCH_BYTES
+
+
+def _relay_ok(keys, field):
+    def ok(m) -> bool:
+        if m.keys() != keys or not _head_ok(m):
+            return False
+        votes = m[field]
+        return type(votes) is list and len(votes) <= 64 and all(_vote_ok(x) for x in votes)
+    return ok
+
+
+def _sh_ok(m) -> bool:
+    if m.keys() != _SH_KEYS:
+        return False
+    d, i, sigs = m["d"], m["i"], m["s"]
+    return (_u64(m["n"]) and type(d) is bytes and len(d) == 32 and type(i) is int
+            and 0 <= i <= 63 and type(sigs) is list and len(sigs) <= MAX_BATCH_REQUESTS
+            and all(type(x) is bytes and len(x) <= 64 for x in sigs))
+
+
+_FAST = {"p": _vote_ok, "c": _vote_ok, "pp": _pp_ok, "pc": _relay_ok(_PC_KEYS, "ps"),
+         "cc": _relay_ok(_CC_KEYS, "cs"), "sh": _sh_ok}
 
 
 # ---- client requests ------------------------------------------------------------

@@ -45,7 +45,10 @@ whatever accumulated meanwhile). Reads during operation see the buffered
 writes. With ``threaded=True`` the commit runs in a worker thread so the
 trio thread keeps serving meanwhile; simulations use ``threaded=False``
 because a thread would let a MockClock jump ahead of the disk (the
-same holds for an fsync).
+same holds for an fsync). With ``threaded=False`` commits and fsyncs run at
+once on the calling thread, without yielding. (An fsync in a worker thread
+while the member reads on was tried: on this 2-core machine the hand-offs
+cost more CPU than the overlap saved, and latency did not improve.)
 
 Durability (what fsync is for). A committed LMDB transaction is in the
 file (the kernel's page cache) at once: it survives the member *process*
@@ -280,6 +283,11 @@ class RingStore:
     async def commit(self, durable: bool = True) -> None:
         """Commit every buffered write in one transaction; with ``durable``
         also fsync it (and every commit before it). See module docstring."""
+        if not self.threaded:
+            # All on this thread, at once: nothing to order, no need to yield
+            # (a ring member flushes often; each yield is a scheduler pass).
+            self.commit_now(durable)
+            return
         async with self._lock:      # transactions commit in the order they were taken
             if self.dirty:
                 pending, cleared = self._inflight = self._take()
@@ -296,8 +304,28 @@ class RingStore:
 
     async def sync(self) -> None:
         """fsync every commit so far (a no-op if there is none)."""
+        if not self.threaded:
+            self._sync_now()
+            return
         async with self._lock:
             await self._sync()
+
+    def commit_now(self, durable: bool = True) -> None:
+        """:meth:`commit` on the calling thread (a store opened with
+        ``threaded=False``; blocks for the fsync if ``durable``)."""
+        if self.threaded:
+            raise RingStoreError("commit_now on a threaded store (use commit)")
+        if self.dirty:
+            self._write(*self._take(), False)
+            self._unsynced = True
+        if durable:
+            self._sync_now()
+
+    def _sync_now(self) -> None:
+        if self._unsynced and self.fsyncs:
+            self._unsynced = False
+            self._fsync()
+        self._unsynced = False
 
     async def _sync(self) -> None:
         if self._unsynced and self.fsyncs:

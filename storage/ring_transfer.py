@@ -56,6 +56,7 @@ class TransferMixin:
         self.need_state = False
         self._catching_up = False
         self._last_check_exec = -1
+        self._above_window = False        # an agreement message came past h + L
         self._catchup_now = trio.Event()
 
     def _register_transfer(self, dispatcher) -> None:
@@ -95,6 +96,11 @@ class TransferMixin:
             # In a view change nobody joined (yet): the others may well be
             # running on without us. Keep our state current meanwhile.
             return True
+        if self._above_window:
+            # Agreement messages for seqs past our high water mark: the
+            # others moved on while we missed the CHECKPOINTs to follow.
+            self._above_window = False
+            return True
         stuck = self.committed_seq == self._last_check_exec
         self._last_check_exec = self.committed_seq
         others = [s for k, s in enumerate(self.seen_seq) if k != self.i]
@@ -109,6 +115,7 @@ class TransferMixin:
             with trio.move_on_after(self.cfg.catchup_interval):
                 await self._catchup_now.wait()
             self._catchup_now = trio.Event()
+            self._resend_decided(self.cfg.request_timeout / 4)
             if self._lagging():
                 await self.catch_up()
 
@@ -194,22 +201,17 @@ class TransferMixin:
             claims.setdefault((r["h"], r["hd"]), set()).add(x)
         for (h, hd), who in sorted(claims.items(), key=lambda c: -c[0][0]):
             if h <= self.committed_seq:
+                # We have that state: if we missed the CHECKPOINTs that made
+                # it stable, the proof moves our water marks (without it we
+                # would drop every message past h + L).
+                if h > self.h and self.ck_own.get(h) == hd:
+                    proof = self._proof_among(replies, who, h, hd)
+                    if proof:
+                        self._make_stable(h, hd, proof)
                 break
-            proof = None
-            if self._attested(replies, who):
+            proof = self._proof_among(replies, who, h, hd)
+            if proof is None and self._attested(replies, who):
                 proof = []
-            for x in who:
-                r = replies[x]
-                if r["epoch"] == self.ring.epoch and r["proof"]:
-                    try:
-                        if M.check_checkpoint_proof(
-                                self.ctx, h, [self._shape_ck(c) for c in r["proof"]],
-                                self.base) == hd:
-                            proof = r["proof"]
-                            break
-                    except BadMessage as e:
-                        log.warning("member %d: %s's checkpoint proof is bad: %s", self.i,
-                                    short(x), e)
             if proof is None:
                 continue
             for x in who:
@@ -222,6 +224,22 @@ class TransferMixin:
                 if snap is not None and guid(snap) == hd and got[x]["h"] == h:
                     self._install_snapshot(h, hd, proof, snap)
                     return
+
+    def _proof_among(self, replies: dict[bytes, dict], who, h: int, hd: bytes) -> list | None:
+        """A valid proof (2f+1 CHECKPOINTs of our epoch) that the state at h
+        with digest hd is stable, from one of ``who``'s answers, or None."""
+        for x in who:
+            r = replies[x]
+            if r["epoch"] == self.ring.epoch and r["proof"]:
+                try:
+                    if M.check_checkpoint_proof(
+                            self.ctx, h, [self._shape_ck(c) for c in r["proof"]],
+                            self.base) == hd:
+                        return r["proof"]
+                except BadMessage as e:
+                    log.warning("member %d: %s's checkpoint proof is bad: %s", self.i,
+                                short(x), e)
+        return None
 
     @staticmethod
     def _shape_ck(c) -> dict:

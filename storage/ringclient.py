@@ -247,8 +247,9 @@ class RingClient:
         outcome = None
         deadline = trio.current_time() + self.deadline
         body = {"c": req.c, "r": req.r, "op": req.op, "s": req.s}
+        top = None        # the asking below, cancelled as soon as there is an outcome
 
-        async def ask(j: int, timeout: float, done: trio.Event | None = None):
+        async def ask(j: int, timeout: float):
             nonlocal outcome
             m = ring.members[j]
             asking.add(j)
@@ -266,7 +267,8 @@ class RingClient:
                     outcome = self._whole(j, rep, r["sigs"], alone)
                     if outcome is not None:
                         self._primary = j
-                        top.cancel()
+                        if top is not None:
+                            top.cancel()
                         return
                 replies[j] = tuple(rep)
                 errors.pop(m.id, None)
@@ -285,22 +287,22 @@ class RingClient:
                 return
             finally:
                 asking.discard(j)
-                if done is not None:
-                    done.set()
             outcome = self._evaluate(replies)
             if outcome is not None:
                 self._primary = None          # found by agreement: go by the views
-                top.cancel()
+                if top is not None:
+                    top.cancel()
 
+        if alone is not None:
+            # The primary first, from this task (the common case is this one
+            # request); everybody once it is late (asked again if need be:
+            # members answer a repeated request id from what they have).
+            with trio.move_on_after(min(self.primary_timeout, self.deadline)):
+                await ask(self.primary_guess(), min(self.attempt_timeout, self.deadline))
+            if outcome is not None:
+                return outcome
         async with trio.open_nursery() as nursery:
             top = nursery.cancel_scope
-            if alone is not None:
-                # The primary first; everybody once it is late.
-                first, answered = self.primary_guess(), trio.Event()
-                nursery.start_soon(ask, first, min(self.attempt_timeout, self.deadline),
-                                   answered)
-                with trio.move_on_after(self.primary_timeout):
-                    await answered.wait()
             while outcome is None:
                 now = trio.current_time()
                 if now >= deadline or len(replies) == ring.n:
@@ -366,6 +368,8 @@ class RingClient:
                     continue
                 sigs = {}
                 for j in js:
+                    if len(sigs) >= ring.quorum:
+                        break                   # 2f+1 checked signatures are enough
                     m = ring.members[j]
                     share = replies[j][3]
                     if type(share) is not bytes:

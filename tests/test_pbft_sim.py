@@ -2,6 +2,7 @@
 members with real LMDB stores, real clients, and members that crash, stay
 silent or lie (PBFT's fault model, f = 1 of 4)."""
 
+import dataclasses
 import os
 
 import pytest
@@ -512,3 +513,41 @@ async def test_lost_messages_are_sent_again(nursery, tmp_path, autojump_clock):
     ring.net.set_loss(0.0)
     await trio.sleep(5)
     assert same_state(ring, range(4))
+
+
+async def test_a_decided_batch_never_holds_back_the_pipeline(make_ring, autojump_clock):
+    """With one batch in flight at a time, a seq the primary still counted
+    in flight after it was decided (a NEW-VIEW re-proposes batches the old
+    view decided) would stop it proposing: every later request would wait
+    for a view change. The primary only counts undecided batches."""
+    ring = await make_ring(config=dataclasses.replace(CONFIG, pipeline=1))
+    owner = ring.owner_client()
+    ledger = Ledger(ring)
+    cert = ledger.add(await owner.create(b"doc", v(1)))
+    primary = ring.replica(0)
+    primary.my_inflight.add(primary.committed_seq)    # decided, yet counted in flight
+    for k in range(2, 5):
+        cert = ledger.add(await owner.update(cert.aguid, v(k), expect_seq=cert.seq))
+    assert cert.seq == 4
+    assert all(ring.replica(k).view == 0 for k in range(4))
+    assert ring.replica(0).stats["view_changes"] == 0
+
+
+async def test_idle_ring_brings_every_member_up_to_date(make_ring, autojump_clock):
+    """Members that lost the last messages of a burst (a PRE-PREPARE, a
+    PREPARED, a COMMITTED) catch up although no request follows: the
+    primary sends a decided batch again to whoever did not commit it, and
+    its last decisions to all once idle."""
+    ring = await make_ring()
+    owner = ring.owner_client(deadline=30.0)
+    ledger = Ledger(ring)
+    cert = ledger.add(await owner.create(b"doc", v(1)))
+    # Member 3 hears nothing of the next updates (the primary relays all),
+    # and after them no request comes to show it what it missed.
+    ring.net.cut(ring.ids[0].id, ring.ids[3].id)
+    for k in range(2, 6):
+        cert = ledger.add(await owner.update(cert.aguid, v(k), expect_seq=cert.seq))
+    ring.net.restore(ring.ids[0].id, ring.ids[3].id)
+    await trio.sleep(5)
+    assert same_state(ring, range(4))
+    assert {ring.replica(k).committed_seq for k in range(4)} == {ring.replica(0).exec_seq}

@@ -3,8 +3,12 @@ checkpoint proofs, VIEW-CHANGEs and NEW-VIEWs. A faulty new primary must not
 be able to drop or replace a request that may have been decided, and nobody
 can cite what others did not sign."""
 
-import pytest
+import copy
 
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from overlay.wire import frames
 from overlay.wire.ids import Identity, guid
 from storage import ring_messages as M
 from storage.certificate import RingDescriptor
@@ -184,3 +188,58 @@ def test_shapes_and_batches_refuse_garbage():
     r = M.decode_batch(batch(1))[1][0]
     with pytest.raises(BadMessage):          # one request twice in a batch
         M.decode_batch(M.encode_batch(1, [r, r]))
+
+
+# The normal case's messages have a fast shape check (ring_messages._FAST):
+# it must never accept what the schema refuses.
+
+_ODD = st.one_of(st.none(), st.booleans(), st.integers(-2, 2**64), st.binary(max_size=70),
+                 st.text(max_size=6), st.lists(st.integers(), max_size=2),
+                 st.dictionaries(st.text(max_size=2), st.integers(), max_size=2))
+
+
+def _samples() -> list[dict]:
+    b = batch(1)
+    p1 = M.prepare(CTX, IDS[1], 1, 0, 1, guid(b))
+    p2 = M.prepare(CTX, IDS[2], 2, 0, 1, guid(b))
+    c1 = M.commit(CTX, IDS[1], 1, 0, 1, guid(b))
+    return [M.pre_prepare(CTX, IDS[0], 0, 0, 1, b), p1, c1,
+            M.prepared(0, 0, 1, guid(b), [p1, p2]), M.committed(0, 0, 1, guid(b), [c1]),
+            M.shares(1, 1, guid(b), [b"s" * 64, b""])]
+
+
+def _generic_ok(m) -> bool:
+    try:
+        M.SHAPES[m["t"]].check(m, m["t"])
+        return True
+    except frames.FrameError:
+        return False
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(0, 5), st.data())
+def test_fast_shape_check_agrees_with_the_schema(which, data):
+    m = copy.deepcopy(_samples()[which])
+    assert M._FAST[m["t"]](m) and _generic_ok(m)
+    # Damage one field (maybe inside a relayed vote), drop it, or add one.
+    target = m
+    for key in ("ps", "cs"):
+        if key in m and m[key] and data.draw(st.booleans()):
+            target = m[key][0]
+    action = data.draw(st.sampled_from(["set", "drop", "add"]))
+    key = data.draw(st.sampled_from(sorted(target)))
+    if action == "set" and key != "t" or target is not m and action == "set":
+        target[key] = data.draw(_ODD)
+    elif action == "drop" and key != "t":
+        del target[key]
+    elif action == "add":
+        target[data.draw(st.text(min_size=1, max_size=3).filter(lambda k: k not in target))] = 1
+    fast = M._FAST[m["t"]](m)
+    assert not fast or _generic_ok(m)
+    if fast != _generic_ok(m):      # the fast check may only be stricter ...
+        assert not fast
+    try:
+        assert M.check_shape(m) == m["t"]   # ... and check_shape falls back on the schema
+        assert _generic_ok(m)
+    except BadMessage:
+        assert not _generic_ok(m)

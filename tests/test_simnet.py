@@ -32,6 +32,7 @@ SLOW = frames.message("test.sim.slow", request={"s": float}, reply={})
 NOPE = frames.message("test.sim.nope", request={}, reply={})
 UNSERVED = frames.message("test.sim.unserved", request={}, reply={})
 BADREPLY = frames.message("test.sim.badreply", request={}, reply={"ok": bool})
+NOTE = frames.message("test.sim.note", request={"n": int}, reply={})
 
 _IDS = [Identity.from_seed(b"simnet-test-%d" % i) for i in range(8)]
 
@@ -58,6 +59,8 @@ class Counting:
         self.d.on(SLOW, self.slow)
         self.d.on(NOPE, self.nope)
         self.d.on(BADREPLY, self.badreply)
+        self.d.on(NOTE, self.note)
+        self.notes: list[tuple[bytes, int, float]] = []
 
     async def ping(self, sender, body):
         return {"n": body["n"] + 1, "by": self.me}
@@ -73,6 +76,12 @@ class Counting:
 
     async def badreply(self, sender, body):
         return {"ok": "not a bool"}
+
+    async def note(self, sender, body):
+        self.notes.append((sender, body["n"], trio.current_time()))
+        if body["n"] < 0:
+            raise Refused("no", "negative")
+        return {}
 
 
 async def start(nursery, net, n, **kw):
@@ -111,6 +120,55 @@ async def test_round_trip_takes_two_one_way_latencies(autojump_clock):
         assert net.stats.since(before).messages(PING) == 4
         assert net.stats.since(before).sent == {PING: 2}
         assert a.stats.sent[PING] == 1 and b.stats.received[PING] == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_one_way_takes_one_latency_and_sends_nothing_back(autojump_clock):
+    net = SimNetwork(seed=1, topology=PlaneTopology(seed=1))
+    async with trio.open_nursery() as nursery:
+        (a, b), (_, sb) = await start(nursery, net, 2)
+        t0 = trio.current_time()
+        await a.send(b.peer, NOTE, {"n": 1})
+        await a.send(b.peer, NOTE, {"n": -1})       # a refusal stays at b
+        assert trio.current_time() == t0             # the sender does not wait
+        await trio.sleep(1.0)
+        # (sent in the same instant: in either order)
+        assert sorted((s, n) for s, n, _ in sb.notes) == [(a.id, -1), (a.id, 1)]
+        assert sb.notes[0][2] - t0 == pytest.approx(net.latency(a.id, b.id))
+        s = net.stats
+        assert s.sent[NOTE] == s.delivered[NOTE] == 2 and s.replies_sent[NOTE] == 0
+        assert b.stats.received[NOTE] == 2 and s.messages(NOTE) == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_one_way_faults(autojump_clock):
+    """Loss and partitions drop one-way messages silently; a down node that
+    refuses, or an address of another node, fails the send after a round
+    trip; a crash cancels messages in flight to the node."""
+    net = SimNetwork(seed=3, topology=PlaneTopology(seed=3))
+    async with trio.open_nursery() as nursery:
+        (a, b, c), (_, sb, sc) = await start(nursery, net, 3)
+        net.set_loss(0.5)
+        for i in range(200):
+            await a.send(b.peer, NOTE, {"n": i})
+        await trio.sleep(1.0)
+        assert 60 < len(sb.notes) < 140 and net.stats.drop_reasons["loss"] == 200 - len(sb.notes)
+        net.set_loss(0.0)
+        net.partition([a.id])
+        await a.send(c.peer, NOTE, {"n": 1})
+        await trio.sleep(1.0)
+        assert sc.notes == [] and net.stats.drop_reasons["partition"] == 1
+        net.heal()
+        with pytest.raises(PeerAuthError):
+            await a.send(Peer(c.id, b.address), NOTE, {"n": 1})
+        await a.send(c.peer, NOTE, {"n": 2})
+        net.crash(c.id)                              # while it is on its way
+        await trio.sleep(1.0)
+        assert sc.notes == []
+        await a.send(c.peer, NOTE, {"n": 3})         # black-holed: no error
+        c._refuse = True
+        with pytest.raises(PeerUnreachable):
+            await a.send(c.peer, NOTE, {"n": 4})
         nursery.cancel_scope.cancel()
 
 

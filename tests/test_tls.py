@@ -39,6 +39,7 @@ ECHO = frames.message("test.tls.echo", request={"data": frames.Bytes(max=1 << 20
                       reply={"data": bytes, "sender": frames.GUID})
 GATE = frames.message("test.tls.gate", request={"n": int}, reply={"n": int})
 NOBODY = frames.message("test.tls.nobody", request={})
+ONE = frames.message("test.tls.one-way", request={"n": int}, reply={"n": int})
 
 SERVER = Identity.from_seed(b"test-tls-server")
 CLIENT = Identity.from_seed(b"test-tls-client")
@@ -335,6 +336,49 @@ async def test_unreachable_peers(client):
         await client.request(Peer(SERVER.id, f"127.0.0.1:{port}"), ECHO, {"data": b""})
     with pytest.raises(PeerUnreachable, match="host:port"):
         await client.request(Peer(SERVER.id, "nonsense"), ECHO, {"data": b""})
+
+
+async def test_one_way_frames_run_in_order_in_the_reader(nursery, client):
+    """One-way frames (Transport.send) are handled by the connection's
+    reader, one after the other in the order sent, with no reply frame;
+    a blocked one-way handler holds up only its own connection."""
+    seen: list[int] = []
+    release = trio.Event()
+
+    async def note(sender, body):
+        if body["n"] == 0:
+            await release.wait()            # the first one blocks the connection
+        seen.append(body["n"])
+        return {"n": body["n"]}
+
+    d = dispatcher()
+    d.on(ONE, note)
+    server = await start(nursery, SERVER, d)
+    for i in range(50):
+        await client.send(server.peer, ONE, {"n": i})
+    await trio.sleep(0.2)
+    assert seen == []                        # all behind the blocked first one
+    async with TlsTransport(OTHER) as other:  # another connection is served meanwhile
+        reply = await other.request(server.peer, ECHO, {"data": b"x"})
+        assert reply["sender"] == OTHER.id
+    release.set()
+    with trio.fail_after(5):
+        while len(seen) < 50:
+            await trio.sleep(0.01)
+    assert seen == list(range(50))
+    assert server.stats.received[ONE] == 50
+    assert client.stats.sent[ONE] == 50
+    await good_round_trip(client, server)
+    await server.aclose()
+
+
+async def test_one_way_to_unreachable_peers(client):
+    async with trio.open_nursery() as n:  # find a port nobody listens on
+        listeners = await n.start(functools.partial(trio.serve_tcp, None, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        n.cancel_scope.cancel()
+    with pytest.raises(PeerUnreachable, match="cannot connect"):
+        await client.send(Peer(SERVER.id, f"127.0.0.1:{port}"), ONE, {"n": 1})
 
 
 async def test_aclose_fails_pending_requests_and_stops_serving(nursery, client):

@@ -31,6 +31,7 @@ GROW = frames.message("test.conf.grow", request={"size": int},
                       reply={"data": frames.Bytes(max=2 * CAP)})
 FAIL = frames.message("test.conf.fail", request={"how": str})
 BLOCK = frames.message("test.conf.block", request={})
+NOTE = frames.message("test.conf.note", request={"n": int, "how": frames.Optional(str)})
 UNSERVED = frames.message("test.conf.unserved", request={})
 
 A = Identity.from_seed(b"test-conf-a")
@@ -43,12 +44,15 @@ class Node:
 
     def __init__(self):
         self.blocked = 0
+        self.notes: list[tuple[bytes, int]] = []
+        self.noted = trio.Event()
         self.dispatcher = Dispatcher()
         self.dispatcher.on(ECHO, self.echo)
         self.dispatcher.on(SIZE, self.size)
         self.dispatcher.on(GROW, self.grow)
         self.dispatcher.on(FAIL, self.fail)
         self.dispatcher.on(BLOCK, self.block)
+        self.dispatcher.on(NOTE, self.note)
 
     async def echo(self, sender, body):
         await trio.sleep(0)
@@ -68,6 +72,20 @@ class Node:
     async def block(self, sender, body):
         self.blocked += 1
         await trio.sleep_forever()
+
+    async def note(self, sender, body):
+        if body.get("how") == "refuse":
+            raise Refused("no", "not this one")
+        if body.get("how") == "crash":
+            raise KeyError("a bug in the one-way handler")
+        self.notes.append((sender, body["n"]))
+        self.noted.set()
+        return {"ignored": True}     # nobody gets this: a one-way reply is dropped
+
+    async def wait_notes(self, k: int) -> None:
+        while len(self.notes) < k:
+            self.noted = trio.Event()
+            await self.noted.wait()
 
 
 @pytest.fixture(params=["tls", "sim"])
@@ -180,3 +198,54 @@ async def test_cancelled_caller_leaves_others_unharmed(pair):
         with trio.move_on_after(0.2):
             await a.request(b.peer, BLOCK, {})
     assert (await a.request(b.peer, ECHO, {"data": b"y", "n": 2}))["n"] == 2
+
+
+# ---- one-way messages (Transport.send) ---------------------------------------------
+
+
+async def test_one_way_message_reaches_the_handler_and_nothing_comes_back(pair):
+    a, b = pair
+    await a.send(b.peer, NOTE, {"n": 1})
+    with trio.fail_after(5):
+        await b.node.wait_notes(1)
+    assert b.node.notes == [(A.id, 1)]
+    assert a.stats.sent[NOTE] == 1 and b.stats.received[NOTE] == 1
+    # The connection (or network) carries requests as before.
+    assert (await a.request(b.peer, SIZE, {"data": b"abc"})) == {"size": 3}
+
+
+async def test_one_way_refusals_and_bugs_stay_at_the_receiver(pair, caplog):
+    a, b = pair
+    await a.send(b.peer, NOTE, {"n": 1, "how": "refuse"})
+    await a.send(b.peer, NOTE, {"n": 2, "how": "crash"})
+    await a.send(b.peer, NOTE, {"n": 3})
+    with trio.fail_after(5):
+        await b.node.wait_notes(1)
+    assert b.node.notes == [(A.id, 3)]
+    assert "a bug in the one-way handler" in caplog.text
+    assert (await a.request(b.peer, ECHO, {"data": b"", "n": 4}))["n"] == 4
+
+
+async def test_many_one_way_messages_all_arrive(pair):
+    a, b = pair
+    async with trio.open_nursery() as n:
+        for i in range(300):
+            n.start_soon(a.send, b.peer, NOTE, {"n": i})
+            n.start_soon(b.send, a.peer, NOTE, {"n": -i})
+    with trio.fail_after(10):
+        await b.node.wait_notes(300)
+        await a.node.wait_notes(300)
+    assert sorted(n for _, n in b.node.notes) == list(range(300))
+    assert sorted(-n for _, n in a.node.notes) == list(range(300))
+
+
+async def test_one_way_errors_the_sender_sees(pair):
+    a, b = pair
+    with pytest.raises(PeerAuthError):
+        await a.send(Peer(C.id, b.address), NOTE, {"n": 1})
+    with pytest.raises(ValueError):      # a body that breaks its own schema: our bug
+        await a.send(b.peer, NOTE, {"n": "one"})
+    await a.send(b.peer, NOTE, {"n": 2})
+    with trio.fail_after(5):
+        await b.node.wait_notes(1)
+    assert b.node.notes == [(A.id, 2)]

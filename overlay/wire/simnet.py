@@ -22,6 +22,13 @@ So a request costs one task, in the receiver's nursery, and a crash of the
 receiver (which cancels that nursery) cancels both messages in flight to it
 and handlers running on it. Nothing is kept per link or per peer.
 
+A one-way message (``SimTransport.send``) is the first half of that: the
+sender returns at once (after one round trip, and raising, when the peer
+refuses or is another node: the connection attempt a real transport would
+make); one task in the receiver's nursery sleeps the latency and runs the
+handler (``transport.consume``). Lost, partitioned and black-holed messages
+vanish silently. Messages sent at the same instant may arrive in any order.
+
 Failure semantics (what a caller observes):
 
 * ``loss``: each message (request or reply) is dropped independently with that
@@ -89,6 +96,7 @@ from .ids import short
 from .topology import PlaneTopology, Topology, TransitStubTopology
 from .transport import (
     DEFAULT_TIMEOUT,
+    ONE_WAY_ID,
     Handler,
     Peer,
     PeerAuthError,
@@ -98,6 +106,7 @@ from .transport import (
     RequestTimeout,
     Transport,
     answer,
+    consume,
     reply_body,
 )
 
@@ -363,8 +372,9 @@ class SimTransport(Transport):
             call.error = PeerUnreachable(f"node {short(self.id)} crashed")
             call.event.set()
 
-    async def request(self, peer: Peer, msg_type: str, body: dict, *,
-                      timeout: float = DEFAULT_TIMEOUT) -> dict:
+    def _outgoing(self, peer: Peer, msg_type: str, body: dict, *, one_way: bool):
+        """Resolve, number, encode and count an outgoing request (a one-way
+        one carries ONE_WAY_ID as its frame id): (destination, seq, data)."""
         net = self.net
         if self.crashed:
             raise PeerUnreachable(f"this node {short(self.id)} is down", peer.id)
@@ -372,8 +382,8 @@ class SimTransport(Transport):
         self._seq += 1
         seq = self._seq
         if net.encode:
-            data = frames.encode(frames.Kind.REQUEST, msg_type, seq, body,
-                                 max_frame=net.max_frame)       # ValueError: our bug
+            data = frames.encode(frames.Kind.REQUEST, msg_type, ONE_WAY_ID if one_way else seq,
+                                 body, max_frame=net.max_frame)       # ValueError: our bug
             size = len(data)
         else:
             if msg_type not in frames.REGISTRY:
@@ -381,9 +391,14 @@ class SimTransport(Transport):
             data, size = body, 0
         self.stats.sent[msg_type] += 1
         self.stats.bytes_sent += size
-        st = net.stats
-        st.sent[msg_type] += 1
-        st.bytes[msg_type] += size
+        net.stats.sent[msg_type] += 1
+        net.stats.bytes[msg_type] += size
+        return dst, seq, data
+
+    async def request(self, peer: Peer, msg_type: str, body: dict, *,
+                      timeout: float = DEFAULT_TIMEOUT) -> dict:
+        net = self.net
+        dst, seq, data = self._outgoing(peer, msg_type, body, one_way=False)
         call = _Call()
         self._pending.add(call)
         try:
@@ -401,6 +416,79 @@ class SimTransport(Transport):
             raise
         finally:
             self._pending.discard(call)
+
+    async def send(self, peer: Peer, msg_type: str, body: dict, *,
+                   timeout: float = DEFAULT_TIMEOUT) -> None:
+        """One-way (module docstring; ``Transport.send``)."""
+        net = self.net
+        dst, seq, data = self._outgoing(peer, msg_type, body, one_way=True)
+        why = net._blocked(self.id, dst.id, seq, _REQ)
+        if why is not None:
+            net._drop(msg_type, why)
+            return
+        if dst._nursery is None or dst.id != peer.id:
+            down = dst._nursery is None
+            if down:
+                net._drop(msg_type, "down")
+                if not dst._refuses():
+                    return                        # black-holed, as if delivered
+            # The connection attempt fails after one round trip.
+            rtt = 2 * net.latency(self.id, dst.id)
+            if rtt >= timeout:
+                await trio.sleep(timeout)
+                self.stats.errors["RequestTimeout"] += 1
+                raise RequestTimeout(f"{msg_type} to {short(peer.id)}: not sent in "
+                                     f"{timeout:g} s", peer.id)
+            await trio.sleep(rtt)
+            if down:
+                self.stats.errors["PeerUnreachable"] += 1
+                raise PeerUnreachable(f"{short(peer.id)} refused: not running", peer.id)
+            self.stats.errors["PeerAuthError"] += 1
+            raise PeerAuthError(f"{peer.addr} is {short(dst.id)}, not {short(peer.id)}",
+                                peer.id)
+        dst._nursery.start_soon(dst._arrive, self, msg_type, data)
+
+    async def _arrive(self, src: "SimTransport", msg_type: str, data) -> None:
+        """The one task of a one-way message, in the receiver's nursery."""
+        net = self.net
+        await trio.sleep(net.latency(src.id, self.id))
+        why = net._severed(src.id, self.id)
+        if why is not None:
+            net._drop(msg_type, why)
+            return
+        frame = self._frame_in(src, msg_type, None, data)
+        if frame is not None:
+            await consume(self._handler, src.id, frame)
+
+    def _frame_in(self, src: "SimTransport", msg_type: str, seq: int | None,
+                  data) -> frames.Frame | None:
+        """The request frame a message carries, counted as delivered; None
+        (dropped, logged) for bytes a real transport would refuse."""
+        net = self.net
+        if net.encode:
+            try:
+                if (len(data) <= frames.HEADER_BYTES
+                        or int.from_bytes(data[:frames.HEADER_BYTES], "big")
+                        != len(data) - frames.HEADER_BYTES):
+                    raise frames.FrameError("length prefix does not match the frame")
+                if len(data) - frames.HEADER_BYTES > net.max_frame:
+                    raise frames.FrameError(f"frame exceeds cap {net.max_frame}")
+                frame = frames.decode(memoryview(data)[frames.HEADER_BYTES:])
+                if frame.kind != frames.Kind.REQUEST:
+                    raise frames.FrameError(f"expected a request, got {frame.kind.name}")
+            except frames.FrameError as e:
+                log.warning("dropping bad frame from %s to %s: %s",
+                            short(src.id), short(self.id), e)
+                net._drop(msg_type, "frame")
+                self.stats.errors["FrameError"] += 1
+                return None
+            self.stats.bytes_received += len(data)
+        else:
+            frame = frames.Frame(frames.Kind.REQUEST, msg_type,
+                                 ONE_WAY_ID if seq is None else seq, data)
+        self.stats.received[frame.type] += 1
+        net.stats.delivered[frame.type] += 1
+        return frame
 
     async def request_raw(self, peer: Peer, data: bytes, *, msg_type: str = "raw",
                           timeout: float = DEFAULT_TIMEOUT) -> bytes:
@@ -484,28 +572,13 @@ class SimTransport(Transport):
             net._drop(msg_type, why)
             return
         handler = self._handler
-        if net.encode:
-            try:
-                if (len(data) <= frames.HEADER_BYTES
-                        or int.from_bytes(data[:frames.HEADER_BYTES], "big")
-                        != len(data) - frames.HEADER_BYTES):
-                    raise frames.FrameError("length prefix does not match the frame")
-                if len(data) - frames.HEADER_BYTES > net.max_frame:
-                    raise frames.FrameError(f"frame exceeds cap {net.max_frame}")
-                frame = frames.decode(memoryview(data)[frames.HEADER_BYTES:])
-                if frame.kind != frames.Kind.REQUEST:
-                    raise frames.FrameError(f"expected a request, got {frame.kind.name}")
-            except frames.FrameError as e:
-                log.warning("dropping bad frame from %s to %s: %s",
-                            short(src.id), short(self.id), e)
-                net._drop(msg_type, "frame")
-                self.stats.errors["FrameError"] += 1
-                return
-            self.stats.bytes_received += len(data)
-        else:
-            frame = frames.Frame(frames.Kind.REQUEST, msg_type, seq, data)
-        self.stats.received[frame.type] += 1
-        net.stats.delivered[frame.type] += 1
+        frame = self._frame_in(src, msg_type, seq, data)
+        if frame is None:
+            return
+        if frame.id == ONE_WAY_ID:
+            # Raw bytes (request_raw) may be a one-way frame: no reply.
+            await consume(handler, src.id, frame)
+            return
         if net.encode:
             reply = await answer(handler, src.id, frame, net.max_frame)
             size = len(reply)

@@ -25,8 +25,10 @@ loses only its own answer, never the connection; a late reply is dropped.
 
 Server side. Each accepted connection runs its handlers concurrently, at
 most ``max_handlers_per_conn`` at a time; past that the reader stops reading,
-which pushes back on the client through TCP. Replies and refusals are built by
-``transport.answer`` so they look exactly as in the simulator.
+which pushes back on the client through TCP. One-way frames (request id 0,
+``Transport.send``) are handled by the reader itself, in order, with no
+task and no reply: the cheapest path for a message. Replies and refusals are
+built by ``transport.answer`` so they look exactly as in the simulator.
 
 Bad peers. Any bad frame (``FrameError``: oversized, truncated, not msgpack,
 unknown type, wrong field types, a reply where a request belongs, ...) or a
@@ -64,6 +66,7 @@ from .ids import Identity, short
 from .tls_stream import TlsStream
 from .transport import (
     DEFAULT_TIMEOUT,
+    ONE_WAY_ID,
     Handler,
     Peer,
     PeerAuthError,
@@ -73,6 +76,7 @@ from .transport import (
     RequestTimeout,
     Transport,
     answer,
+    consume,
     reply_body,
 )
 
@@ -164,6 +168,11 @@ class _Link:
         """Send before the writer task runs (handshake only)."""
         await self.stream.send_all(data)
         self.stats.bytes_sent += len(data)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or being written: a small frame goes out at once."""
+        return not self._queued and not self._sending.locked() and self.established
 
     async def send(self, item: bytes | tuple[bytes, ...]) -> None:
         """Send one frame (bytes, or parts from ``frames.encode_parts``) after
@@ -422,12 +431,7 @@ class TlsTransport(Transport):
 
     async def request(self, peer: Peer, msg_type: str, body: dict, *,
                       timeout: float = DEFAULT_TIMEOUT) -> dict:
-        if msg_type.startswith(handshake.RESERVED_PREFIX):
-            raise ValueError(f"{msg_type} is a handshake message, not a request")
-        if self._home is None:
-            raise RuntimeError("TlsTransport.request() needs serve() running "
-                               "or `async with transport`")
-        self.stats.sent[msg_type] += 1
+        self._outgoing(msg_type, "request")
         try:
             with trio.move_on_after(timeout):
                 return await self._request(peer, msg_type, body)
@@ -437,7 +441,17 @@ class TlsTransport(Transport):
             self.stats.errors[type(e).__name__] += 1
             raise
 
-    async def _request(self, peer: Peer, msg_type: str, body: dict) -> dict:
+    def _outgoing(self, msg_type: str, how: str) -> None:
+        """Checks and accounting shared by ``request`` and ``send``."""
+        if msg_type.startswith(handshake.RESERVED_PREFIX):
+            raise ValueError(f"{msg_type} is a handshake message, not a request")
+        if self._home is None:
+            raise RuntimeError(f"TlsTransport.{how}() needs serve() running "
+                               "or `async with transport`")
+        self.stats.sent[msg_type] += 1
+
+    def _conn_to(self, peer: Peer) -> _ClientConn:
+        """The connection to ``peer``, started if there is none."""
         conn = self._conns.get(peer.id)
         if conn is None:
             conn = _ClientConn(self, peer)
@@ -446,6 +460,52 @@ class TlsTransport(Transport):
             except RuntimeError:  # the home nursery is closing
                 raise PeerUnreachable("transport is shutting down", peer.id) from None
             self._conns[peer.id] = conn
+        return conn
+
+    async def send(self, peer: Peer, msg_type: str, body: dict, *,
+                   timeout: float = DEFAULT_TIMEOUT) -> None:
+        """One-way (``Transport.send``): the frame goes on the connection
+        (written at once when the stream is idle, else queued for its
+        writer) and nothing waits for an answer."""
+        self._outgoing(msg_type, "send")
+        conn = self._conns.get(peer.id)
+        if (conn is not None and conn.ready.is_set() and conn.failure is None
+                and conn.link.idle):
+            # The common case: the frame will be written at once (_Link.send),
+            # which no timeout could interrupt anyway; skip the timeout scope.
+            try:
+                return await self._send(peer, msg_type, body)
+            except PeerError as e:
+                self.stats.errors[type(e).__name__] += 1
+                raise
+        try:
+            with trio.move_on_after(timeout):
+                return await self._send(peer, msg_type, body)
+            raise RequestTimeout(
+                f"{msg_type} to {short(peer.id)} not sent within {timeout:g}s", peer.id)
+        except PeerError as e:
+            self.stats.errors[type(e).__name__] += 1
+            raise
+
+    async def _send(self, peer: Peer, msg_type: str, body: dict) -> None:
+        data = frames.encode_parts(Kind.REQUEST, msg_type, ONE_WAY_ID, body,
+                                   max_frame=self.max_frame)
+        conn = self._conn_to(peer)
+        conn.users += 1
+        try:
+            if not conn.ready.is_set():   # (waiting on a set Event still yields)
+                await conn.ready.wait()
+            conn.raise_failure()
+            try:
+                await conn.link.send(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                conn.raise_failure()
+                raise PeerUnreachable(f"{conn.label}: connection closed", peer.id) from None
+        finally:
+            conn.users -= 1
+
+    async def _request(self, peer: Peer, msg_type: str, body: dict) -> dict:
+        conn = self._conn_to(peer)
         conn.users += 1
         try:
             await conn.ready.wait()
@@ -623,6 +683,12 @@ class TlsTransport(Transport):
                 raise PeerProtocolError(f"client sent a {frame.kind.name}, not a request")
             if frame.type.startswith(handshake.RESERVED_PREFIX):
                 raise PeerProtocolError(f"{frame.type} after the handshake")
+            if frame.id == ONE_WAY_ID:
+                # One-way: handled right here, in order; reading waits for
+                # it, which is the back-pressure (module docstring).
+                self.stats.received[frame.type] += 1
+                await consume(self._handler, client, frame)
+                continue
             await handlers.acquire()  # back-pressure: stop reading while saturated
             self.stats.received[frame.type] += 1
             nursery.start_soon(_guarded, conn, self._handle, link, client, frame, handlers)

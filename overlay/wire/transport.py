@@ -25,6 +25,18 @@ Errors a caller of :meth:`Transport.request` can see, by whose fault:
 
 The first four share the base :class:`PeerError` ("this peer did not give a
 usable answer; try another"), which is what routing code usually catches.
+
+One-way messages (:meth:`Transport.send`). Protocols whose messages need no
+answer (PBFT's are one-way) would otherwise pay for a reply frame and a
+waiting task per message. ``send`` hands a request frame with id 0 to the
+connection and returns; the receiver runs the handler for it (see
+:func:`consume`) and sends nothing back. Nothing is confirmed: a message may
+be lost (the connection dies, the peer is down or partitioned) and, on the
+simulated network, messages may arrive out of order; the sender learns only
+of failures it sees at once (no connection to be had: ``PeerError``). On TLS
+the receiver runs a one-way handler in the connection's reading task, one
+frame at a time in the order sent: the handler must not block for long
+(it holds up that connection's later frames).
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ from .ids import short
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 10.0
+ONE_WAY_ID = 0          # the request id of a one-way frame (requests count from 1)
 
 
 class WireError(Exception):
@@ -156,6 +169,19 @@ class Transport(abc.ABC):
         """Send a request and return the peer's reply body.
         Raises PeerError subclasses or RemoteError (see module docstring)."""
 
+    async def send(self, peer: Peer, msg_type: str, body: dict, *,
+                   timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Send a one-way message (module docstring): return once it is on
+        its way, with no answer. Raises PeerError if there is no connection
+        to the peer or the message could not be handed over within
+        ``timeout``; ValueError for a body its schema refuses (our bug). This
+        fallback sends a request and waits for its reply; both transports
+        override it with a real one-way frame."""
+        try:
+            await self.request(peer, msg_type, body, timeout=timeout)
+        except RemoteError:
+            pass
+
     async def aclose(self) -> None:
         """Drop cached connections. Safe to call more than once."""
 
@@ -201,6 +227,21 @@ async def answer(handler: Handler, sender: bytes, frame: frames.Frame,
         return frames.encode(frames.Kind.ERROR, frame.type, frame.id,
                              {"code": "internal", "msg": f"{type(e).__name__}"},
                              max_frame=max_frame)
+
+
+async def consume(handler: Handler, sender: bytes, frame: frames.Frame) -> None:
+    """Run ``handler`` on a one-way frame (request id 0): nothing goes back,
+    so a refusal is only logged (at DEBUG: the sender's business), and a
+    handler bug is logged with its traceback like in :func:`answer`. Shared
+    by both transports."""
+    try:
+        await handler(sender, frame.type, frame.body)
+    except Refused as e:
+        log.debug("one-way %s from %s refused: %s", frame.type, short(sender), e)
+    except trio.Cancelled:
+        raise
+    except Exception:
+        log.exception("handler for one-way %s from %s failed", frame.type, short(sender))
 
 
 def reply_body(frame: frames.Frame, peer_id: bytes) -> dict:
