@@ -162,3 +162,17 @@ class LocalCluster:
 def python_module_argv(module: str, *args: str) -> list[str]:
     """The argv that runs ``python -m module args`` with this interpreter."""
     return [sys.executable, "-m", module, *args]
+
+
+def storage_argv(*extra: str):
+    """An ``argv_for`` for :class:`LocalCluster`: ``python -m storage`` on
+    127.0.0.1 (any port) with ``extra`` options, joining through the nodes
+    started before it."""
+
+    def argv_for(index: int, data: Path, bootstrap) -> list[str]:
+        args = ["--data", str(data), "--listen", "127.0.0.1:0", *extra]
+        for b in bootstrap:
+            args += ["--bootstrap", b.info["bootstrap"]]
+        return python_module_argv("storage", *args)
+
+    return argv_for

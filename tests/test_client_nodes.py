@@ -16,19 +16,14 @@ from overlay import control
 from overlay.wire.ids import Identity, guid
 from overlay.wire.tls import TlsTransport
 from overlay.wire.transport import Peer
-from p2pfs.cluster import LocalCluster, python_module_argv
+from p2pfs.cluster import LocalCluster, storage_argv
 from storage.blockapi import Kind
 from storage.server import StorageNode
 
 KEY = bytes(range(32))
 
 
-def argv_for(index, data, bootstrap):
-    args = ["--data", str(data), "--listen", "127.0.0.1:0", "--quota", "64M", "--no-fsync",
-            "--log-level", "warning"]
-    for b in bootstrap:
-        args += ["--bootstrap", b.info["bootstrap"]]
-    return python_module_argv("storage", *args)
+argv_for = storage_argv("--quota", "64M", "--no-fsync", "--log-level", "warning")
 
 
 async def known_ids(n) -> set[str]:
