@@ -38,6 +38,7 @@ from pathlib import Path
 
 import trio
 
+from . import lifeline
 from .config import OverlayConfig
 from .control import SOCKET_NAME, ControlError, ControlServer
 from .errors import JoinError
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m overlay") -> int:
 def run_reporting_bind_errors(prog: str, opts: NodeOptions, fn, *args) -> int:
     """``trio.run(fn, *args)``; a listen address that cannot be bound (in
     use, not ours) is one line and exit code 4, not a traceback."""
+    lifeline.watch_parent()
     try:
         return trio.run(fn, *args)
     except BaseExceptionGroup as group:

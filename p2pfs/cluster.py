@@ -9,7 +9,8 @@ starts alone; the others join through it.
 
 Stopping is by PID only: SIGTERM (a node leaves the overlay gracefully on
 it), then SIGKILL after a grace period. The supervisor never looks processes
-up by name.
+up by name. Should this process die without stopping them (kill -9), the
+nodes see their lifeline cut and stop themselves (``overlay.lifeline``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
+
+from overlay.lifeline import Lifeline
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,7 @@ class LocalCluster:
         self.ready_timeout = ready_timeout
         self.env = {**os.environ, **(env or {})}
         self.nodes: list[NodeProcess] = []
+        self.lifeline = Lifeline()     # nodes stop if this process dies unannounced
 
     def start_node(self, index: int, bootstrap: Sequence[NodeProcess] = ()) -> NodeProcess:
         data = self.base_dir / f"node{index}"
@@ -79,7 +83,8 @@ class LocalCluster:
             proc = subprocess.Popen(
                 self.argv_for(index, data, bootstrap),
                 stdout=subprocess.PIPE, stderr=logf, stdin=subprocess.DEVNULL,
-                env=self.env, start_new_session=True,
+                env=self.lifeline.env(self.env), pass_fds=self.lifeline.pass_fds,
+                start_new_session=True,
             )
         finally:
             logf.close()

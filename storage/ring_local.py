@@ -19,6 +19,7 @@ from pathlib import Path
 
 import trio
 
+from overlay.lifeline import Lifeline
 from overlay.wire.ids import Identity
 
 from .certificate import RingDescriptor
@@ -62,6 +63,7 @@ class LocalRing:
         self.ring_file = self.dir / "ring.json"
         self.ring_file.write_text(self.ring.to_json())
         self.procs: list[subprocess.Popen | None] = [None] * n
+        self._lifeline = Lifeline()    # members stop if this process dies unannounced
         self.ready: list[dict | None] = [None] * n
 
     def command(self, k: int) -> list[str]:
@@ -84,7 +86,9 @@ class LocalRing:
         log = open(self.dir / f"member{k}.log", "ab")
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
         self.procs[k] = subprocess.Popen(self.command(k) + (extra or []), stdout=subprocess.PIPE,
-                                         stderr=log, env=env, start_new_session=True)
+                                         stderr=log, env=self._lifeline.env(env),
+                                         pass_fds=self._lifeline.pass_fds,
+                                         start_new_session=True)
         log.close()
         self.ready[k] = None
 

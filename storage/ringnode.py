@@ -31,6 +31,7 @@ from pathlib import Path
 
 import trio
 
+from overlay.lifeline import watch_parent
 from overlay.wire.ids import Identity, IdentityError
 from overlay.wire.tls import TlsTransport, parse_address
 from overlay.wire.transport import Dispatcher
@@ -173,6 +174,7 @@ def main(argv=None) -> int:
         import time
         cprofiler = cProfile.Profile(time.process_time)
         cprofiler.enable()
+    watch_parent()
     try:
         trio.run(serve, args, identity, ring)
     except (NotAMember, BadDescriptor) as e:

@@ -92,3 +92,61 @@ def test_demo_refuses_bad_arguments(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert (busy / "file").read_text() == "x"
+
+
+def _running(pids) -> list[int]:
+    out = []
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    out.append(p)
+        except OSError:
+            pass
+    return out
+
+
+def test_demo_killed_outright_leaves_no_process(demo):
+    """kill -9 of the demo gives its node and ring processes no chance to be
+    stopped; they notice their lifeline cut and stop themselves."""
+    proc, mnt, data = demo
+    children = _children(proc.pid)
+    assert len(children) >= 8, "expected 4 node and 4 ring member processes"
+    proc.kill()
+    proc.wait()
+    try:
+        deadline = time.monotonic() + 30
+        while _running(children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _running(children), f"left running after the demo died: {_running(children)}"
+    finally:
+        for p in _running(children):     # only those we saw started, by PID
+            os.kill(p, signal.SIGKILL)
+    # The dead mount is a stale mount; the fixture clears it (as the next
+    # mount would).
+
+
+def test_lifeline_in_a_plain_child(tmp_path):
+    """overlay.lifeline alone: a child that watches its lifeline gets
+    SIGTERM once the parent's end closes, and not before."""
+    from overlay.lifeline import Lifeline
+    line = Lifeline()
+    code = ("import signal, sys, time\n"
+            "from overlay.lifeline import watch_parent\n"
+            "signal.signal(signal.SIGTERM, lambda *a: (print('term', flush=True), sys.exit(3)))\n"
+            "assert watch_parent()\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                             env=line.env(dict(os.environ)), pass_fds=line.pass_fds)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        assert child.poll() is None, "stopped while the lifeline was intact"
+        line.close()
+        assert child.wait(timeout=10) == 3
+        assert child.stdout.read().strip() == "term"
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
