@@ -113,6 +113,7 @@ class _Writes:
         self.error = 0          # errno of a failed background write, not yet reported
         self.send, self.recv = trio.open_memory_channel(QUEUE_DEPTH)
         self.touched = True     # written since the last background tick
+        self.flusher = False    # its flusher task has been started
         self.inflight: dict[object, tuple[int, int]] = {}   # chunks being applied
         self.changed = trio.Event()     # set (and replaced) when one is done
 
@@ -608,7 +609,6 @@ class P2pfsOperations(pyfuse3.Operations):
         w = self._writes.get(f.ino)
         if w is None:
             w = self._writes[f.ino] = _Writes(f.ino)
-            self._nursery.start_soon(self._flusher, w)
         self._raise_error(w)
         n = len(buf)
         w.touched = True
@@ -641,6 +641,9 @@ class P2pfsOperations(pyfuse3.Operations):
         del w.buf[:take]
         w.off += take
         w.busy += 1
+        if not w.flusher:
+            w.flusher = True
+            self._nursery.start_soon(self._flusher, w)
         await w.send.send((off, chunk))
 
     async def _flusher(self, w: _Writes) -> None:
@@ -668,7 +671,8 @@ class P2pfsOperations(pyfuse3.Operations):
     async def _apply(self, w: _Writes, token: object, off: int, chunk: bytes) -> None:
         try:
             await self.ns.write(w.ino, off, chunk)
-            self._note_own_change(await self.ns.getattr(w.ino))
+            if w.ino in self._versions:
+                self._note_own_change(await self.ns.getattr(w.ino))
         except Exception as e:  # noqa: BLE001 - reported at the next write/flush
             code = errno_of(e, f"write(inode {w.ino:#x}, {off}, <{len(chunk)} bytes>)")
             if not w.error:
@@ -687,12 +691,25 @@ class P2pfsOperations(pyfuse3.Operations):
 
     async def _drain(self, w: _Writes) -> None:
         """Apply everything buffered for the inode, then report any error."""
-        if w.buf:
+        if w.buf and not w.busy:
+            # Nothing queued or being applied (a small file's one run):
+            # apply it here rather than through the flusher task.
+            off, chunk = w.off, bytes(w.buf)
+            w.buf.clear()
+            w.off += len(chunk)
+            w.busy += 1
+            token = object()
+            w.inflight[token] = (off, off + len(chunk))
+            await self._apply(w, token, off, chunk)
+        elif w.buf:
             await self._spill(w)
-        if w.busy:
-            done = trio.Event()
-            await w.send.send(done)
-            await done.wait()
+        while w.busy:
+            if w.flusher:
+                done = trio.Event()
+                await w.send.send(done)
+                await done.wait()       # set once everything queued before it is applied
+                break
+            await w.changed.wait()      # another caller's inline apply
         self._raise_error(w)
 
     @staticmethod
