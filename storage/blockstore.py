@@ -724,7 +724,9 @@ class AsyncBlockStore:
     than a hand-off to a worker thread and back under load, which on the
     small-file path cost more CPU and latency than the commit itself.
     LMDB allows one write transaction at a time anyway, so no other write
-    is held up that could have run."""
+    is held up that could have run; the cost is that a small put arriving
+    while a large one commits in a worker thread waits for that commit on
+    the trio thread."""
 
     def __init__(self, store: BlockStore, limiter: trio.CapacityLimiter | None = None, *,
                  inline: bool = False, inline_below: int = INLINE_PUT_BYTES):
