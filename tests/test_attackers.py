@@ -58,16 +58,18 @@ from overlay import messages as m
 from overlay.config import OverlayConfig
 from overlay.node import TapestryNode
 from overlay.routing_table import global_root
-from overlay.wire import certs, frames, handshake
-from overlay.wire.frames import FrameBuffer, Kind
+from overlay.wire import frames
+from overlay.wire.frames import Kind
 from overlay.wire.ids import Identity, shared_prefix_len
 from overlay.wire.simnet import PlaneTopology, SimNetwork
-from overlay.wire.tls import TlsTransport, parse_address
+from overlay.wire.tls import TlsTransport
 from overlay.wire.transport import Dispatcher
 from storage import blockservice as bs
 from storage.blockapi import Kind as BlockKind
 from storage.blockstore import BlockStore
 from storage.server import StorageNode
+
+from rawtls import RawTls
 
 ROUTED = (m.ROUTE, m.PUBLISH_BATCH)
 VOLUME = bytes(range(32))
@@ -294,36 +296,6 @@ SLOW = frames.message("test.attack.slow", request={"n": int}, reply={"n": int})
 ECHO = frames.message("test.attack.echo", request={"data": bytes}, reply={"data": bytes})
 
 
-class RawPeer:
-    """A TLS connection that logs in honestly and then sends bytes of our
-    choosing, reading nothing unless asked: the flooder."""
-
-    def __init__(self, stream: trio.SSLStream, server_id: bytes):
-        self.stream, self.server_id = stream, server_id
-        self.buf, self.queue = FrameBuffer(), []
-
-    @classmethod
-    async def connect(cls, server: TlsTransport) -> "RawPeer":
-        tcp = await trio.open_tcp_stream(*parse_address(server.address))
-        stream = trio.SSLStream(tcp, certs.client_context(), server_hostname=None)
-        await stream.do_handshake()
-        certs.check_server_certificate(stream.getpeercert(binary_form=True), server.id)
-        return cls(stream, server.id)
-
-    async def frame(self) -> frames.Frame:
-        while not self.queue:
-            data = await self.stream.receive_some()
-            assert data, "the server hung up"
-            self.queue.extend(self.buf.feed(data))
-        return frames.decode(self.queue.pop(0))
-
-    async def login(self, identity: Identity) -> None:
-        nonce = handshake.read_hello(await self.frame(), self.server_id)
-        proof = handshake.proof_body(identity, self.server_id, nonce)
-        await self.stream.send_all(frames.encode(Kind.REQUEST, handshake.PROOF, 0, proof))
-        handshake.read_verdict(await self.frame(), identity.id, self.server_id)
-
-
 async def test_a_flood_of_requests_on_one_connection_starves_no_one(nursery):
     """An authenticated peer pipelines 20,000 valid requests to a handler
     that parks them and never reads a reply. The server runs at most
@@ -353,7 +325,7 @@ async def test_a_flood_of_requests_on_one_connection_starves_no_one(nursery):
     d.on(ECHO, echo)
     server = TlsTransport(Identity.generate(), max_handlers_per_conn=bound)
     await nursery.start(server.serve, d)
-    flooder = await RawPeer.connect(server)
+    flooder = await RawTls.connect(server)
     await flooder.login(Identity.generate())
     flood = b"".join(frames.encode(Kind.REQUEST, SLOW, i + 1, {"n": i}) for i in range(20_000))
     async with contextlib.AsyncExitStack() as stack:

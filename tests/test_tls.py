@@ -21,9 +21,10 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from overlay.wire import certs, frames, handshake
-from overlay.wire.frames import FrameBuffer, Kind
+from overlay.wire.frames import Kind
 from overlay.wire.ids import Identity
-from overlay.wire.tls import TlsTransport, parse_address
+from overlay.wire.tls import TlsTransport
+from rawtls import RawTls as Raw
 from overlay.wire.transport import (
     Dispatcher,
     Peer,
@@ -112,61 +113,6 @@ async def client(nursery):
 
 
 # -- a hand-driven client and server, for attacks and garbage -------------------
-
-
-class Raw:
-    """A TLS connection driven by hand: frames, proofs and bytes of our choice."""
-
-    def __init__(self, stream: trio.SSLStream):
-        self.stream = stream
-        self.buf = FrameBuffer()
-        self.queue: list[bytes] = []
-
-    @classmethod
-    async def connect(cls, server: TlsTransport) -> "Raw":
-        tcp = await trio.open_tcp_stream(*parse_address(server.address))
-        stream = trio.SSLStream(tcp, certs.client_context(), server_hostname=None)
-        await stream.do_handshake()
-        certs.check_server_certificate(stream.getpeercert(binary_form=True), server.id)
-        return cls(stream)
-
-    async def frame(self) -> frames.Frame | None:
-        """The next frame, or None once the peer has closed the connection."""
-        with trio.fail_after(10):
-            while not self.queue:
-                try:
-                    data = await self.stream.receive_some()
-                except trio.BrokenResourceError:
-                    return None
-                if not data:
-                    return None
-                self.queue.extend(self.buf.feed(data))
-        return frames.decode(self.queue.pop(0))
-
-    async def hello(self) -> bytes:
-        return handshake.read_hello(await self.frame(), SERVER.id)
-
-    async def send(self, data: bytes) -> None:
-        try:
-            await self.stream.send_all(data)
-        except trio.BrokenResourceError:
-            pass  # the server may already have hung up: that is allowed
-
-    async def send_proof(self, body: dict) -> frames.Frame | None:
-        await self.send(frames.encode(Kind.REQUEST, handshake.PROOF, 0, body))
-        return await self.frame()
-
-    async def login(self, identity: Identity) -> None:
-        nonce = await self.hello()
-        verdict = await self.send_proof(handshake.proof_body(identity, SERVER.id, nonce))
-        handshake.read_verdict(verdict, identity.id, SERVER.id)
-
-    async def closed_by_peer(self) -> bool:
-        """Read until the server hangs up; False if it sends a frame first."""
-        return await self.frame() is None
-
-    async def aclose(self) -> None:
-        await trio.aclose_forcefully(self.stream)
 
 
 def warnings(caplog) -> str:
@@ -327,11 +273,17 @@ async def test_handshake_types_are_not_requests(server, client):
         await client.request(server.peer, handshake.HELLO, {"node": SERVER.id, "nonce": b"n" * 32})
 
 
-async def test_unreachable_peers(client):
-    async with trio.open_nursery() as n:  # find a port nobody listens on
+async def unused_port() -> int:
+    """A loopback port that was just free: bound, then closed again."""
+    async with trio.open_nursery() as n:
         listeners = await n.start(functools.partial(trio.serve_tcp, None, 0, host="127.0.0.1"))
         port = listeners[0].socket.getsockname()[1]
         n.cancel_scope.cancel()
+    return port
+
+
+async def test_unreachable_peers(client):
+    port = await unused_port()
     with pytest.raises(PeerUnreachable, match="cannot connect"):
         await client.request(Peer(SERVER.id, f"127.0.0.1:{port}"), ECHO, {"data": b""})
     with pytest.raises(PeerUnreachable, match="host:port"):
@@ -373,10 +325,7 @@ async def test_one_way_frames_run_in_order_in_the_reader(nursery, client):
 
 
 async def test_one_way_to_unreachable_peers(client):
-    async with trio.open_nursery() as n:  # find a port nobody listens on
-        listeners = await n.start(functools.partial(trio.serve_tcp, None, 0, host="127.0.0.1"))
-        port = listeners[0].socket.getsockname()[1]
-        n.cancel_scope.cancel()
+    port = await unused_port()
     with pytest.raises(PeerUnreachable, match="cannot connect"):
         await client.send(Peer(SERVER.id, f"127.0.0.1:{port}"), ONE, {"n": 1})
 

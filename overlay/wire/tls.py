@@ -432,11 +432,21 @@ class TlsTransport(Transport):
     async def request(self, peer: Peer, msg_type: str, body: dict, *,
                       timeout: float = DEFAULT_TIMEOUT) -> dict:
         self._outgoing(msg_type, "request")
+        return await self._counted(self._request, peer, msg_type, body, timeout,
+                                   "no answer to {t} from {p}")
+
+    async def _counted(self, fn, peer: Peer, msg_type: str, body: dict,
+                       timeout: float | None, late: str):
+        """``fn(peer, msg_type, body)``, given ``timeout`` seconds (None: no
+        scope) after which RequestTimeout says ``late`` (a template of the
+        message type and peer); every PeerError is counted in the stats."""
         try:
+            if timeout is None:
+                return await fn(peer, msg_type, body)
             with trio.move_on_after(timeout):
-                return await self._request(peer, msg_type, body)
+                return await fn(peer, msg_type, body)
             raise RequestTimeout(
-                f"no answer to {msg_type} from {short(peer.id)} within {timeout:g}s", peer.id)
+                f"{late.format(t=msg_type, p=short(peer.id))} within {timeout:g}s", peer.id)
         except PeerError as e:
             self.stats.errors[type(e).__name__] += 1
             raise
@@ -473,19 +483,9 @@ class TlsTransport(Transport):
                 and conn.link.idle):
             # The common case: the frame will be written at once (_Link.send),
             # which no timeout could interrupt anyway; skip the timeout scope.
-            try:
-                return await self._send(peer, msg_type, body)
-            except PeerError as e:
-                self.stats.errors[type(e).__name__] += 1
-                raise
-        try:
-            with trio.move_on_after(timeout):
-                return await self._send(peer, msg_type, body)
-            raise RequestTimeout(
-                f"{msg_type} to {short(peer.id)} not sent within {timeout:g}s", peer.id)
-        except PeerError as e:
-            self.stats.errors[type(e).__name__] += 1
-            raise
+            timeout = None
+        return await self._counted(self._send, peer, msg_type, body, timeout,
+                                   "{t} to {p} not sent")
 
     async def _send(self, peer: Peer, msg_type: str, body: dict) -> None:
         data = frames.encode_parts(Kind.REQUEST, msg_type, ONE_WAY_ID, body,
