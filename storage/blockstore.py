@@ -51,6 +51,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,7 @@ from .blockstore_entries import (
     _TIME,
     _TOMB,
     _U32,
+    _U64,
     BGUID_BYTES,
     FORMAT,
     STAMP_BYTES,
@@ -105,6 +107,17 @@ from .errors import (
     StoreFormatError,
     StoreFull,
 )
+from .blockstore_stage import (
+    STAGE_BELOW,
+    STAGE_DELAY,
+    STAGE_FILE,
+    STAGE_MAX_BYTES,
+    STAGE_MAX_ENTRIES,
+    Staged,
+    StageLog,
+    decode_all,
+    encode,
+)
 from .lmdb_gate import GatedEnv, _Gate
 from .seal import MAX_SEALED
 
@@ -114,6 +127,7 @@ DEFAULT_QUOTA = 1 << 30
 DEFAULT_MIN_DISK_FREE = 64 << 20
 MAP_HEADROOM = 64 << 20
 INLINE_PUT_BYTES = 64 << 10    # AsyncBlockStore: smaller puts commit on the trio thread
+_STAGE_GEN_KEY = b"stage_gen"  # meta: the last staging generation committed
 ABSENT, HELD, TOMBSTONED = 0, 1, 2   # what ``states`` reports per BGUID
 
 
@@ -146,13 +160,25 @@ class BlockStore:
     ``clock``: the time source of stamps and tombstones;
     ``readahead``: let the OS read ahead when a block's pages are first
     touched (off by default: a holder serving random blocks would read
-    pages it never uses; a single-node volume read file by file wants it).
+    pages it never uses; a single-node volume read file by file wants it);
+    ``stage``: accept small puts through the staging log (below).
+
+    Staged puts (``storage.blockstore_stage``): with ``stage=True``,
+    :meth:`stage` takes a small batch once it is checked (BGUIDs, sizes,
+    tombstones, quota, disk) and appended to the staging log, and
+    :meth:`flush_staged` commits everything staged in one transaction. Reads
+    see staged blocks at once. Every other write, and every read that must
+    be exact about the whole store (listing, stats, tombstones), commits the
+    staged blocks first, so none of them can tell staging from a direct
+    put. Whatever a crash left staged is committed when the store is next
+    opened.
     """
 
     def __init__(self, path: str | os.PathLike, *, quota: int = DEFAULT_QUOTA,
                  max_block: int = MAX_SEALED, min_disk_free: int = DEFAULT_MIN_DISK_FREE,
                  sync: bool = True, map_size: int | None = None,
-                 clock: Callable[[], float] = time.time, readahead: bool = False):
+                 clock: Callable[[], float] = time.time, readahead: bool = False,
+                 stage: bool = False):
         if quota <= 0:
             raise ValueError("quota must be positive")
         self.path = Path(path)
@@ -186,6 +212,168 @@ class BlockStore:
         self._lmdb = GatedEnv(env, self.path, max_map=4 * want)
         psize = env.stat()["psize"]
         self._footprint = functools.partial(footprint, psize=psize)
+        # Staging (class docstring). The lock orders staging, commits of
+        # what is staged, and every write after them.
+        self._stage_lock = threading.RLock()
+        self._staged: dict[bytes, Staged] = {}
+        self._staged_bytes = 0
+        self._staged_charge = 0
+        self._stage_log: StageLog | None = None
+        try:
+            self._open_stage_log(stage)
+        except BaseException:
+            self._lmdb.close()
+            raise
+
+    # ------------------------------------------------------------------
+    # The staging log
+
+    @property
+    def staging(self) -> bool:
+        """Whether small puts may go through :meth:`stage`."""
+        return self._stage_log is not None
+
+    @property
+    def staged(self) -> int:
+        """Blocks staged and not yet committed."""
+        return len(self._staged)
+
+    def _open_stage_log(self, stage: bool) -> None:
+        path = self.path / STAGE_FILE
+        if not stage and not path.exists():
+            return
+        wal = StageLog(path, own=stage)
+        try:
+            if wal.owned and wal.size:
+                self._replay(wal)
+        except BaseException:
+            wal.close()
+            raise
+        if stage:
+            self._stage_log = wal
+            self._stage_gen = self._committed_gen() + 1
+        else:
+            wal.close()
+
+    def _committed_gen(self) -> int:
+        with self._lmdb.read() as txn:
+            v = txn.get(_STAGE_GEN_KEY, db=self._meta)
+        return 0 if v is None or len(v) != _U64.size else _U64.unpack(v)[0]
+
+    def _replay(self, wal: StageLog) -> None:
+        """Commit what a crash left in the staging log."""
+        gen = self._committed_gen()
+        entries, used = decode_all(wal.read(), gen, self.max_block)
+        if entries:
+            self._commit_staged(dict(entries), gen + 1)
+            log.info("%s: committed %d blocks staged before a crash", self.path, len(entries))
+        if used < wal.size:
+            log.info("%s: %d bytes at the end of the staging log were not whole entries "
+                     "of the open generation (a torn or committed tail); dropped",
+                     self.path, wal.size - used)
+        wal.truncate()
+
+    def stage(self, items: Iterable[tuple[bytes, bytes]], *, revive: bool = False) -> int:
+        """Take blocks as :meth:`put_many` would, with the same checks and
+        errors, through the staging log (class docstring); returns how many
+        were not held before. Without staging, or for a batch of
+        ``STAGE_BELOW`` bytes or more, this is :meth:`put_many`."""
+        batch = self._verified(items)
+        if not batch:
+            return 0
+        size = sum(len(d) for d in batch.values())
+        if self._stage_log is None or size >= STAGE_BELOW:
+            return self.put_many(batch.items(), revive=revive)
+        self._check_disk(size)
+        with self._stage_lock:
+            wal = self._stage_log
+            if wal is None:     # closed meanwhile
+                raise StoreClosed(f"block store {self.path} is closed")
+            if (self._staged_bytes + size > STAGE_MAX_BYTES
+                    or len(self._staged) + len(batch) > STAGE_MAX_ENTRIES):
+                self._flush_locked()
+            try:
+                new, charge = self._stage_check(batch, revive)
+            except _SumsDamaged:
+                # Counters to recount first: the ordinary put does that.
+                self._flush_locked()
+                return self.put_many(batch.items(), revive=revive)
+            now = self._clock()
+            wal.append(b"".join(encode(self._stage_gen, g, d, revive, now)
+                                for g, d in batch.items()))
+            for g, d in batch.items():
+                old = self._staged.get(g)
+                if old is None:
+                    self._staged_bytes += len(d)
+                self._staged[g] = Staged(d, revive or (old is not None and old.revive), now)
+            self._staged_charge += charge
+            return new
+
+    def _stage_check(self, batch: dict[bytes, bytes], revive: bool) -> tuple[int, int]:
+        """(blocks new here, bytes they will be charged) for staging
+        ``batch``; BlockTombstoned or StoreFull as the put would raise."""
+        new = charge = 0
+        with self._lmdb.read() as txn:
+            c = load_sums(txn, self._meta)
+            for g, d in batch.items():
+                if g in self._staged:
+                    continue
+                if txn.get(g, db=self._tombs) is not None:
+                    if not revive:
+                        raise BlockTombstoned(
+                            f"block {g.hex()[:16]} was deleted here; put with revive=True "
+                            "to store it again", g)
+                    charge -= self._footprint(_TOMB.size)   # the revive drops it
+                if txn.get(g, db=self._stamps) is None:
+                    new += 1
+                    charge += self._footprint(len(d)) + self._footprint(_STAMP.size)
+        over = c.used + self._staged_charge + charge - self.quota
+        if over > 0:
+            raise StoreFull(f"block store quota of {self.quota} bytes would be exceeded "
+                            f"by {over} bytes; nothing of this batch was stored")
+        return new, charge
+
+    def flush_staged(self) -> int:
+        """Commit every staged block (one write transaction); returns how
+        many. On failure they stay staged, and the error is raised."""
+        with self._stage_lock:
+            return self._flush_locked()
+
+    def _flush_locked(self) -> int:
+        staged = self._staged
+        if not staged or self._stage_log is None:
+            return 0
+        gen = self._stage_gen
+        self._commit_staged(staged, gen)
+        self._staged = {}
+        self._staged_bytes = self._staged_charge = 0
+        self._stage_gen = gen + 1
+        self._stage_log.truncate()
+        return len(staged)
+
+    def _commit_staged(self, staged: dict[bytes, Staged], gen: int) -> None:
+        def apply(txn) -> None:
+            c = load_sums(txn, self._meta)
+            for g, e in staged.items():
+                try:
+                    self._put_one(txn, c, g, e.data, e.revive, e.at)
+                except BlockTombstoned:
+                    # Staging checked this, and deletes commit what is staged
+                    # before they run; should a tombstone be here anyway, it
+                    # wins (the block was collected).
+                    log.warning("%s: staged block %s was tombstoned meanwhile; not stored",
+                                self.path, g.hex()[:16])
+            txn.put(_STAGE_GEN_KEY, _U64.pack(gen), db=self._meta)
+            self._store_sums(txn, c)
+
+        self._write(apply)
+
+    def _exact(self) -> None:
+        """Commit what is staged before an operation that must see it in
+        LMDB (class docstring)."""
+        if self._staged:
+            with self._stage_lock:
+                self._flush_locked()
 
     def _open_dbs(self, env: lmdb.Environment) -> None:
         # One write transaction. Any refusal aborts it, so a store that is
@@ -214,7 +402,21 @@ class BlockStore:
     # Lifecycle
 
     def close(self) -> None:
-        """Close the environment; waits for calls in flight. Idempotent."""
+        """Commit what is staged, then close the environment; waits for
+        calls in flight. Idempotent."""
+        with self._stage_lock:
+            wal, self._stage_log = self._stage_log, None
+            if wal is not None:
+                try:
+                    if self._staged:
+                        self._commit_staged(self._staged, self._stage_gen)
+                        self._staged = {}
+                        wal.truncate()
+                except StorageError as e:
+                    log.error("%s: %d staged blocks left in the staging log for the next "
+                              "open: %s", self.path, len(self._staged), e)
+                finally:
+                    wal.close()
         self._lmdb.close()
 
     def __enter__(self) -> "BlockStore":
@@ -234,6 +436,9 @@ class BlockStore:
         """The block's bytes, verified against ``bguid``. Raises
         BlockNotFound, or BlockCorrupt after moving a bad copy to quarantine."""
         _check_bguid(bguid)
+        e = self._staged.get(bguid)
+        if e is not None:
+            return e.data       # verified when staged
         with self._lmdb.read() as txn:
             data = txn.get(bguid, db=self._blocks)
         if data is None:
@@ -250,12 +455,18 @@ class BlockStore:
         want = list(dict.fromkeys(bguids))
         for g in want:
             _check_bguid(g)
+        staged = self._staged
         with self._lmdb.read() as txn:
-            found = {g: d for g in want if (d := txn.get(g, db=self._blocks)) is not None}
+            found = {g: d for g in want if g not in staged
+                     and (d := txn.get(g, db=self._blocks)) is not None}
         for g, d in list(found.items()):
             if hashlib.sha256(d).digest() != g:
                 self._quarantine(g, d)
                 del found[g]
+        for g in want:
+            e = staged.get(g)
+            if e is not None:
+                found[g] = e.data
         return found
 
     def has(self, bguid: bytes) -> bool:
@@ -266,8 +477,9 @@ class BlockStore:
         bguids = list(bguids)
         for g in bguids:
             _check_bguid(g)
+        staged = self._staged
         with self._lmdb.read() as txn:
-            return [txn.get(g, db=self._stamps) is not None for g in bguids]
+            return [g in staged or txn.get(g, db=self._stamps) is not None for g in bguids]
 
     def states(self, bguids: Iterable[bytes]) -> list[tuple[int, float | None, int]]:
         """For each BGUID, in one read transaction: (HELD, stored_at, 0),
@@ -280,8 +492,13 @@ class BlockStore:
         for g in bguids:
             _check_bguid(g)
         out: list[tuple[int, float | None, int]] = []
+        staged = self._staged
         with self._lmdb.read() as txn:
             for g in bguids:
+                e = staged.get(g)
+                if e is not None:
+                    out.append((HELD, e.at, 0))
+                    continue
                 v = txn.get(g, db=self._stamps)
                 if v is not None:
                     out.append((HELD, self._damage.lenient_stamp(g, v), 0))
@@ -299,6 +516,9 @@ class BlockStore:
         StoreEntryDamaged if its stamp is damaged (its bytes can still be
         read)."""
         _check_bguid(bguid)
+        e = self._staged.get(bguid)
+        if e is not None:
+            return e.at
         with self._lmdb.read() as txn:
             v = txn.get(bguid, db=self._stamps)
         return None if v is None else self._damage.strict(decode_stamp, bguid, v)[0]
@@ -306,6 +526,7 @@ class BlockStore:
     def list_bguids(self, after: bytes | None = None, limit: int = 1000) -> list[bytes]:
         """Up to ``limit`` BGUIDs held, in byte order, strictly after
         ``after``; page through all of them by passing the last one back."""
+        self._exact()
         return self._list(self._stamps, after, limit)
 
     def __iter__(self) -> Iterator[bytes]:
@@ -320,6 +541,7 @@ class BlockStore:
         """The block's tombstone, or None. StoreEntryDamaged if it is
         damaged (it still refuses stale puts)."""
         _check_bguid(bguid)
+        self._exact()
         with self._lmdb.read() as txn:
             v = txn.get(bguid, db=self._tombs)
         return None if v is None else self._damage.strict(decode_tombstone, bguid, v)
@@ -327,6 +549,7 @@ class BlockStore:
     def tombstones(self, after: bytes | None = None, limit: int = 1000) -> list[tuple[bytes, Tombstone]]:
         """A page of tombstones in BGUID order, strictly after ``after``
         (a damaged one as epoch 0 at time 0)."""
+        self._exact()
         with self._lmdb.read() as txn:
             return [(k, self._damage.lenient_tombstone(k, v))
                     for k, v in self._page(txn, self._tombs, after, limit)]
@@ -350,6 +573,7 @@ class BlockStore:
     def stats(self) -> StoreStats:
         """Counts and sums. Counters found damaged are recounted first (a
         write transaction)."""
+        self._exact()
         for attempt in range(2):
             try:
                 with self._lmdb.read() as txn:
@@ -386,6 +610,28 @@ class BlockStore:
         ``stored_at`` refreshed (which also mends a damaged stamp); if the
         copy held differs from the verified one offered, the held copy was
         corrupt and is replaced (and its bytes quarantined)."""
+        batch = self._verified(items)
+        if not batch:
+            return 0
+        self._check_disk(sum(len(d) for d in batch.values()))
+        now = self._clock()
+
+        def apply(txn) -> int:
+            c = load_sums(txn, self._meta)
+            new = sum(self._put_one(txn, c, g, d, revive, now) for g, d in batch.items())
+            c = self._store_sums(txn, c)
+            # Staged blocks are charged already, though not committed yet.
+            over = c.used + self._staged_charge - self.quota
+            if over > 0:
+                raise StoreFull(f"block store quota of {self.quota} bytes would be exceeded "
+                                f"by {over} bytes; nothing of this batch was stored")
+            return new
+
+        return self._write(apply)
+
+    def _verified(self, items: Iterable[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+        """``items`` as a dict, each checked against its BGUID (BlockCorrupt)
+        and ``max_block`` (BlockTooLarge)."""
         batch: dict[bytes, bytes] = {}
         for g, d in items:
             _check_bguid(g)
@@ -397,55 +643,45 @@ class BlockStore:
             if hashlib.sha256(d).digest() != g:
                 raise BlockCorrupt(f"bytes offered as block {g.hex()[:16]} do not hash to it", g)
             batch[g] = d
-        if not batch:
-            return 0
-        self._check_disk(sum(len(d) for d in batch.values()))
-        now = self._clock()
+        return batch
 
-        def apply(txn) -> int:
-            c = load_sums(txn, self._meta)
-            new = 0
-            for g, d in batch.items():
-                if txn.get(g, db=self._tombs) is not None:  # damaged or not: it refuses
-                    if not revive:
-                        raise BlockTombstoned(
-                            f"block {g.hex()[:16]} was deleted here; put with revive=True "
-                            "to store it again", g)
-                    txn.delete(g, db=self._tombs)
-                    c.used -= self._footprint(_TOMB.size)
-                stamp = _STAMP.pack(now, len(d))
-                held = txn.get(g, db=self._blocks)
-                old_stamp = txn.get(g, db=self._stamps)
-                if held == d:
-                    # The new stamp replaces a damaged one too. The bytes
-                    # were charged at their put, but a missing or damaged
-                    # stamp leaves that unsure: recount.
-                    if not self._damage.stamp_fits(g, old_stamp, len(d)):
-                        c.recount = True
-                    txn.put(g, stamp, db=self._stamps)
-                    continue
-                if old_stamp is None:
-                    new += 1
-                    c.used += self._footprint(len(d)) + self._footprint(_STAMP.size)
-                    if held is not None:  # a block without its stamp, overwritten
-                        c.recount = True
-                else:
-                    log.warning("block %s: held copy is corrupt, replaced by a verified one",
-                                g.hex()[:16])
-                    self._move_to_quarantine(txn, c, g, held or b"",
-                                             self._damage.charged(g, old_stamp), now)
-                    c.used += self._footprint(len(d))  # its stamp is charged already
-                txn.put(g, d, db=self._blocks)
-                txn.put(g, stamp, db=self._stamps)
-                c.bytes += len(d)
-            c = self._store_sums(txn, c)
-            if c.used > self.quota:
-                st = c.used - self.quota
-                raise StoreFull(f"block store quota of {self.quota} bytes would be exceeded "
-                                f"by {st} bytes; nothing of this batch was stored")
-            return new
-
-        return self._write(apply)
+    def _put_one(self, txn, c: _Sums, g: bytes, d: bytes, revive: bool, now: float) -> bool:
+        """Put one verified block within ``txn``, keeping the counters ``c``;
+        True if it was not held before."""
+        if txn.get(g, db=self._tombs) is not None:  # damaged or not: it refuses
+            if not revive:
+                raise BlockTombstoned(
+                    f"block {g.hex()[:16]} was deleted here; put with revive=True "
+                    "to store it again", g)
+            txn.delete(g, db=self._tombs)
+            c.used -= self._footprint(_TOMB.size)
+        stamp = _STAMP.pack(now, len(d))
+        held = txn.get(g, db=self._blocks)
+        old_stamp = txn.get(g, db=self._stamps)
+        if held == d:
+            # The new stamp replaces a damaged one too. The bytes were
+            # charged at their put, but a missing or damaged stamp leaves
+            # that unsure: recount.
+            if not self._damage.stamp_fits(g, old_stamp, len(d)):
+                c.recount = True
+            txn.put(g, stamp, db=self._stamps)
+            return False
+        new = False
+        if old_stamp is None:
+            new = True
+            c.used += self._footprint(len(d)) + self._footprint(_STAMP.size)
+            if held is not None:  # a block without its stamp, overwritten
+                c.recount = True
+        else:
+            log.warning("block %s: held copy is corrupt, replaced by a verified one",
+                        g.hex()[:16])
+            self._move_to_quarantine(txn, c, g, held or b"",
+                                     self._damage.charged(g, old_stamp), now)
+            c.used += self._footprint(len(d))  # its stamp is charged already
+        txn.put(g, d, db=self._blocks)
+        txn.put(g, stamp, db=self._stamps)
+        c.bytes += len(d)
+        return new
 
     def delete(self, bguid: bytes, *, epoch: int = 0, tombstone: bool = True,
                unless_stored_after: float | None = None) -> bool:
@@ -515,7 +751,7 @@ class BlockStore:
             self._store_sums(txn, c)
             return removed
 
-        return self._write(apply)
+        return self._write_exact(apply)
 
     def purge_tombstones(self, *, before_epoch: int | None = None,
                          older_than: float | None = None) -> int:
@@ -541,7 +777,7 @@ class BlockStore:
             self._store_sums(txn, c)
             return len(doomed)
 
-        return self._write(apply)
+        return self._write_exact(apply)
 
     def purge_quarantine(self) -> int:
         """Drop every quarantined copy (after fsck or an operator looked);
@@ -577,7 +813,7 @@ class BlockStore:
             put_sums(txn, self._meta, c)
             return report
 
-        report = self._write(apply)
+        report = self._write_exact(apply)
         if report != RepairReport(0, 0, 0, 0, 0, False):
             log.warning("block store %s repaired: %s", self.path, report)
         return report
@@ -664,6 +900,13 @@ class BlockStore:
             raise StoreFull(f"disk under {self.path} has {free} bytes free; keeping "
                             f"{self.min_disk_free} in reserve")
 
+    def _write_exact(self, apply):
+        """``_write`` after committing what is staged, with no staging in
+        between: a delete must not overtake a staged put of the same block."""
+        with self._stage_lock:
+            self._flush_locked()
+            return self._write(apply)
+
     def _write(self, apply):
         """Run ``apply(txn)`` in one write transaction and commit it (see
         ``GatedEnv.write``). If ``apply`` finds the counters damaged, they are
@@ -726,14 +969,22 @@ class AsyncBlockStore:
     LMDB allows one write transaction at a time anyway, so no other write
     is held up that could have run; the cost is that a small put arriving
     while a large one commits in a worker thread waits for that commit on
-    the trio thread."""
+    the trio thread.
+
+    With a staging store (``BlockStore(stage=True)``) those small puts are
+    staged instead (``BlockStore.stage``: one append to a file), and a
+    system task commits what is staged ``stage_delay`` seconds after the
+    first of them, in a worker thread."""
 
     def __init__(self, store: BlockStore, limiter: trio.CapacityLimiter | None = None, *,
-                 inline: bool = False, inline_below: int = INLINE_PUT_BYTES):
+                 inline: bool = False, inline_below: int = INLINE_PUT_BYTES,
+                 stage_delay: float = STAGE_DELAY):
         self.store = store
         self.inline = inline
         self.inline_below = inline_below
+        self.stage_delay = stage_delay
         self._limiter = limiter or trio.CapacityLimiter(4)
+        self._commit_armed = False
 
     async def _run(self, fn, *args, **kw):
         if self.inline:
@@ -758,8 +1009,42 @@ class AsyncBlockStore:
         items = list(items)
         if sum(len(d) for _, d in items) < self.inline_below:
             await trio.lowlevel.checkpoint()
-            return self.store.put_many(items, revive=revive)
+            if not self.store.staging:
+                return self.store.put_many(items, revive=revive)
+            n = self.store.stage(items, revive=revive)
+            self._arm_commit()
+            return n
         return await self._run(self.store.put_many, items, revive=revive)
+
+    def _arm_commit(self) -> None:
+        if self._commit_armed or not self.store.staged:
+            return
+        self._commit_armed = True
+        try:
+            trio.lowlevel.spawn_system_task(self._commit_later, name="commit staged blocks")
+        except RuntimeError:    # the run is ending: commit now
+            self._commit_armed = False
+            self.store.flush_staged()
+
+    async def _commit_later(self) -> None:
+        # A system task: it must never raise (trio would end the run).
+        try:
+            await trio.sleep(self.stage_delay)
+            await self._run(self.store.flush_staged)
+        except trio.Cancelled:
+            self._commit_armed = False
+            raise       # the run is ending; closing the store commits the rest
+        except Exception as e:  # noqa: BLE001 - logged; the next put or close retries
+            self._commit_armed = False
+            log.error("%s: committing staged blocks failed (they stay in the staging "
+                      "log): %s", self.store.path, e)
+            return
+        self._commit_armed = False
+        self._arm_commit()      # what was staged while this commit ran
+
+    async def flush_staged(self) -> int:
+        """Commit what is staged now (a barrier)."""
+        return await self._run(self.store.flush_staged)
 
     async def delete_many(self, bguids: Iterable[bytes], **kw) -> list[bytes]:
         return await self._run(self.store.delete_many, list(bguids), **kw)

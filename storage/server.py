@@ -17,7 +17,7 @@ but holds nothing; placement passes it over (``blk.where`` says so).
 The process, ``python -m storage`` (what ``p2pfs node`` runs)::
 
     python -m storage --data DIR [--listen HOST:PORT] [--bootstrap HOST:PORT#NODEID ...]
-                      [--quota 1G] [--r 3] [--repair-interval 300] [--no-fsync]
+                      [--quota 1G] [--r 3] [--repair-interval 300] [--no-fsync] [--no-stage]
                       [--collector NODEID ...] [--no-store] [overlay timers ...]
 
 Overlay timers default as ``python -m overlay`` except the soft state of
@@ -335,6 +335,10 @@ def build_parser(prog: str = "python -m storage") -> argparse.ArgumentParser:
     g.add_argument("--no-fsync", action="store_true",
                    help="do not fsync each commit: a killed process loses nothing, "
                         "a power loss may lose this node's recent copies")
+    g.add_argument("--no-stage", action="store_true",
+                   help="commit every small put before acknowledging it, instead of "
+                        "staging it (an append to a file, committed within 0.1 s; see "
+                        "SECURITY.md, Durability)")
     g.add_argument("--collector", type=_node_id, action="append", default=[],
                    help="NodeID allowed to delete blocks here (garbage collection; repeatable)")
     g.add_argument("--no-store", action="store_true", help="route and place, hold no blocks")
@@ -349,7 +353,8 @@ async def run_storage_node(opts: overlay_run.NodeOptions, args: argparse.Namespa
         opts.data.mkdir(mode=0o700, parents=True, exist_ok=True)
         identity = Identity.load_or_create(opts.data / overlay_run.KEY_FILE)
         store = None if args.no_store else BlockStore(
-            opts.data / STORE_DIR, quota=args.quota, sync=not args.no_fsync)
+            opts.data / STORE_DIR, quota=args.quota, sync=not args.no_fsync,
+            stage=not args.no_stage)
     except (IdentityError, OSError, StorageError) as e:
         log.error("cannot use data directory %s: %s", opts.data, e)
         return overlay_run.EXIT_IDENTITY

@@ -840,40 +840,48 @@ while True:
 """
 
 
+def kill_9_after(path, child: str, round_: int, want: int) -> set[bytes]:
+    """Run ``child`` (source printing each acknowledged BGUID) on the store
+    at ``path``, kill -9 it after ``want`` lines; every BGUID it printed."""
+    acked: set[bytes] = set()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child, str(path), str(round_)],
+        stdout=subprocess.PIPE, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        for _ in range(want):
+            line = proc.stdout.readline()
+            assert line, "child exited early"
+            acked.add(bytes.fromhex(line.decode().strip()))
+        os.kill(proc.pid, signal.SIGKILL)
+        rest, _ = proc.communicate(timeout=30)
+        acked.update(bytes.fromhex(x) for x in rest.decode().split())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return acked
+
+
+def check_nothing_acknowledged_lost(path, acked: set[bytes]) -> None:
+    with BlockStore(path) as s:
+        held = list(s)
+        # nothing acknowledged is lost
+        assert acked <= set(held)
+        # every block present is intact, and the counters match the blocks
+        blocks = {g: s.get(g) for g in held}
+        st_ = s.stats()
+        assert st_.corruptions == 0 and st_.blocks == len(held)
+        assert st_.bytes == sum(map(len, blocks.values()))
+        assert st_.used == sum(footprint(len(d)) + footprint(STAMP_BYTES) for d in blocks.values())
+
+
 def test_kill_9_mid_put_leaves_whole_blocks_or_nothing(path):
     acked: set[bytes] = set()
     for round_ in range(3):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(path), str(round_)],
-            stdout=subprocess.PIPE, cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)})
-        try:
-            want = 40 + 37 * round_
-            n = 0
-            while n < want:
-                line = proc.stdout.readline()
-                assert line, "child exited early"
-                acked.add(bytes.fromhex(line.decode().strip()))
-                n += 1
-            os.kill(proc.pid, signal.SIGKILL)
-            rest, _ = proc.communicate(timeout=30)
-            acked.update(bytes.fromhex(x) for x in rest.decode().split())
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        assert proc.returncode == -signal.SIGKILL
-
-        with BlockStore(path) as s:
-            held = list(s)
-            # nothing acknowledged is lost
-            assert acked <= set(held)
-            # every block present is intact, and the counters match the blocks
-            blocks = {g: s.get(g) for g in held}
-            st_ = s.stats()
-            assert st_.corruptions == 0 and st_.blocks == len(held)
-            assert st_.bytes == sum(map(len, blocks.values()))
-            assert st_.used == sum(footprint(len(d)) + footprint(STAMP_BYTES) for d in blocks.values())
+        acked |= kill_9_after(path, CHILD, round_, 40 + 37 * round_)
+        check_nothing_acknowledged_lost(path, acked)
 
 
 # --------------------------------------------------------------------------
@@ -917,13 +925,17 @@ class StoreVsModel(RuleBasedStateMachine):
 
     @rule(ix=st.lists(st.integers(0, len(POOL) - 1), min_size=1, max_size=4), revive=st.booleans())
     def put_many(self, ix, revive):
-        items = [POOL[i] for i in ix]
+        self.check_put(self.store.put_many, [POOL[i] for i in ix], revive)
+
+    def check_put(self, put, items, revive):
+        """``put(items, revive=)`` (put_many, or a variant with the same
+        contract) against the model."""
         err = self.expect_put(items, revive)
         if err:
             with pytest.raises(err):
-                self.store.put_many(items, revive=revive)
+                put(items, revive=revive)
             return
-        new = self.store.put_many(items, revive=revive)
+        new = put(items, revive=revive)
         assert new == len({g for g, _ in items} - self.blocks.keys())
         for g, d in items:
             self.blocks[g] = d

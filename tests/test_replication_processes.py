@@ -95,9 +95,11 @@ async def test_a_block_flipped_on_disk_is_detected_and_served_from_another(clust
     async with TlsTransport(Identity.generate()) as t:
         sealed = (await bs.get_from(t, peer(victim), [g]))[g]
     path = victim.data_dir / "blocks" / "data.mdb"
-    raw = path.read_bytes()
-    at = raw.find(sealed[200:264])
-    assert at >= 0
+    # A small put is staged first and committed to LMDB within a moment
+    # (storage.blockstore_stage): wait for it to be there.
+    with trio.fail_after(20):
+        while (at := (raw := path.read_bytes()).find(sealed[200:264])) < 0:
+            await trio.sleep(0.05)
     fd = os.open(path, os.O_RDWR)
     try:
         os.pwrite(fd, bytes([raw[at + 7] ^ 0xFF]), at + 7)
