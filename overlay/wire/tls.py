@@ -508,9 +508,14 @@ class TlsTransport(Transport):
         conn = self._conn_to(peer)
         conn.users += 1
         try:
-            await conn.ready.wait()
+            if not conn.ready.is_set():   # (waiting on a set Event, or acquiring a
+                await conn.ready.wait()   # free slot, still yields: a task step)
             conn.raise_failure()
-            async with conn.slots:
+            try:
+                conn.slots.acquire_nowait()
+            except trio.WouldBlock:
+                await conn.slots.acquire()
+            try:
                 conn.raise_failure()
                 req_id = conn.next_id
                 conn.next_id += 1
@@ -528,6 +533,8 @@ class TlsTransport(Transport):
                     conn.raise_failure()
                     raise PeerUnreachable(f"{conn.label}: connection closed", peer.id)
                 return reply_body(slot.frame, peer.id)
+            finally:
+                conn.slots.release()
         finally:
             conn.users -= 1
 
@@ -689,7 +696,10 @@ class TlsTransport(Transport):
                 self.stats.received[frame.type] += 1
                 await consume(self._handler, client, frame)
                 continue
-            await handlers.acquire()  # back-pressure: stop reading while saturated
+            try:
+                handlers.acquire_nowait()   # no task step when a handler is free
+            except trio.WouldBlock:
+                await handlers.acquire()    # back-pressure: stop reading while saturated
             self.stats.received[frame.type] += 1
             nursery.start_soon(_guarded, conn, self._handle, link, client, frame, handlers)
 
