@@ -6,7 +6,8 @@ Put. Blocks are sealed with the volume key (``storage.seal``, off the trio
 thread), placed by the rule of ``storage.placement`` (roots of salted BGUIDs,
 r distinct nodes) and sent to their holders as ``blk.store`` batches grouped
 by holder. ``put``/``put_many`` return once every block is stored on r
-distinct holders: the write quorum is all r by default. With a smaller
+distinct holders (what a holder's acknowledgement promises: SECURITY.md,
+"Durability"): the write quorum is all r by default. With a smaller
 ``write_quorum`` they return at that many acknowledgements and the remaining
 copies are completed in the background (in the node's nursery); whatever
 that misses, the holders' repair (``storage.maintenance``) restores. Each
