@@ -8,7 +8,8 @@ does with an entry that a decoder here calls damaged, and how it recounts,
 is ``storage.blockstore_repair``.
 
 On-disk layout: one LMDB environment (a directory holding ``data.mdb`` and
-``lock.mdb``) with these named databases. All keys are raw 32-byte BGUIDs
+``lock.mdb``, and on a holder the staging log ``stage.log`` of
+``storage.blockstore_stage``) with these named databases. All keys are raw 32-byte BGUIDs
 except in ``meta``; integers are big-endian, times are float seconds since
 the Unix epoch (``>d``)::
 
@@ -24,6 +25,8 @@ the Unix epoch (``>d``)::
                 b"corruptions" -> >Q  corrupt copies found since creation
                 b"sums"        -> 8 bytes: check of the four counters above
                                   (``_sums_check``), written with them
+                b"stage_gen"   -> >Q  the last staging generation committed
+                                  (``storage.blockstore_stage``; absent: 0)
 
 Invariants, true after every committed transaction (every change below is
 a single LMDB write transaction, so a crash, ``kill -9`` included, leaves

@@ -358,23 +358,42 @@ async def test_a_forged_certificate_at_one_member_is_found_and_quarantined(net):
     body = CertBody(cur.ring_id, cur.epoch, aguid, cur.seq + 1, os.urandom(32), cur.vguid,
                     cur.time + 1)
     forged = Certificate(body, {liar.id: body.sign(liar)})     # one signature of 2f+1
-    ring.stop(1)
-    store = RingStore(ring.dir / "member1" / "ring", threaded=False)
+    held = set_member_cert(ring, 1, aguid, forged.encode())
+    await ring.restart(1)
     try:
-        store.put("certs", aguid, forged.encode())
+        report = await run_fsck(vol)
+        [p] = errors(report)
+        assert (p.kind, p.where, p.objects) == ("cert-bad", liar.id, [aguid])
+        assert "2f+1" in p.detail
+        fixed = await run_fsck(vol, do_repair=True)
+        assert fixed.exit_code() == 1 and errors(fixed)[0].status == "quarantined"
+        again = await run_fsck(vol)        # still forged there, but known and not trusted
+        assert again.exit_code() == 0 and [q.status for q in errors(again)] == ["known"]
+    finally:
+        # The network is shared by the tests after this one: put back what
+        # the member held. (Left there, the forged certificate has the seq
+        # of the writer's next head, so the member would keep serving it
+        # after that head is certified.)
+        set_member_cert(ring, 1, aguid, held)
+        await ring.restart(1)
+
+
+def set_member_cert(ring, k: int, aguid: bytes, raw: bytes | None) -> bytes | None:
+    """Stop ring member ``k`` and set (None: delete) the certificate it
+    keeps for ``aguid`` in its store; returns what it held. Restart it
+    with ``await ring.restart(k)``."""
+    ring.stop(k)
+    store = RingStore(ring.dir / f"member{k}" / "ring", threaded=False)
+    try:
+        held = store.get("certs", aguid)
+        if raw is None:
+            store.delete("certs", aguid)
+        else:
+            store.put("certs", aguid, raw)
         store.commit_sync()
     finally:
         store.close()
-    await ring.restart(1)
-
-    report = await run_fsck(vol)
-    [p] = errors(report)
-    assert (p.kind, p.where, p.objects) == ("cert-bad", liar.id, [aguid])
-    assert "2f+1" in p.detail
-    fixed = await run_fsck(vol, do_repair=True)
-    assert fixed.exit_code() == 1 and errors(fixed)[0].status == "quarantined"
-    again = await run_fsck(vol)            # still forged there, but known and not trusted
-    assert again.exit_code() == 0 and [q.status for q in errors(again)] == ["known"]
+    return held
 
 
 async def test_a_repair_killed_midway_and_run_again_ends_clean(net):
