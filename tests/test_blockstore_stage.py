@@ -331,3 +331,45 @@ class StagedStoreVsModel(StoreVsModel):
 StagedStoreVsModel.TestCase.settings = settings(max_examples=40, stateful_step_count=30,
                                                 deadline=None)
 test_staged_store_against_model = StagedStoreVsModel.TestCase
+
+
+def test_a_full_disk_refuses_a_staged_put_whole_and_loses_nothing_acknowledged(tmp_path):
+    """A real small disk (a tmpfs) fills up while staging: the put that does
+    not fit is refused with StoreFull and leaves no torn entry behind;
+    everything acknowledged before it is there after a crash and a restart
+    with room again."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "p2pfs-test", str(disk)],
+                   check=True, capture_output=True)
+    try:
+        path = disk / "blocks"
+        s = BlockStore(path, quota=64 << 20, min_disk_free=0, sync=False, stage=True,
+                       map_size=8 << 20)
+        filler = disk / "filler"
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        filler.write_bytes(b"\0" * (free - (256 << 10)))     # leave 256 KiB
+        acked = {}
+        with pytest.raises(StoreFull) as refused:
+            for i in range(1000):
+                b = blk(9000)
+                s.stage([b])
+                acked[b[0]] = b[1]
+        assert "free" in str(refused.value)                  # the disk check said so
+        assert 10 < len(acked) < 1000
+        log = path / STAGE_FILE
+        size = log.stat().st_size
+        assert size == len(acked) * (HEAD_BYTES + 9000)      # whole entries only
+        # Past the check, the disk fills in the middle of an append (ENOSPC
+        # after part of it was written): refused, and the log is as it was.
+        with pytest.raises(StoreFull, match="disk full"):
+            s._stage_log.append(os.urandom(64 << 10))
+        assert log.stat().st_size == size == s._stage_log.size
+        crash(s)
+        filler.unlink()
+        with BlockStore(path, quota=64 << 20, min_disk_free=0, sync=False) as s:
+            assert set(s) == set(acked)
+            assert all(s.get(g) == d for g, d in acked.items())
+            assert s.stats().blocks == len(acked)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True, capture_output=True)
