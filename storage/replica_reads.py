@@ -116,7 +116,8 @@ class ReplicaReader:
                     continue
                 tried.add(p.id)
                 try:
-                    got = await bs.get_from(self.transport, p, [bguid], timeout=self.timeout,
+                    got = await bs.get_from(self.transport, p, [bguid],
+                                            timeout=min(self.timeout, bs.SMALL_TIMEOUT),
                                             offload=self.offload)
                 except BlockCorrupt as e:
                     self.stats["rejected_copies"] += 1
