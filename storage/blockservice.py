@@ -93,13 +93,6 @@ MAX_STORE_BLOCKS = 4096
 MAX_FETCH = MAX_BATCH_BYTES // (MAX_SEALED + _ITEM_OVERHEAD)  # 126 maximal blocks
 MAX_LIST = 4096
 OFFLOAD_BYTES = 256 << 10
-# A holder answers a request about one small block or batch (a staged put,
-# one block's fetch, a commit of what it staged) in milliseconds even when
-# busy. Callers give such a request this long, not their whole timeout,
-# before they pass the holder over for the next one: a close or a read must
-# not hang 30 s on a hung or cut-off holder. Large batches keep the longer
-# timeout (a commit of 2 MiB may wait on a busy disk).
-SMALL_TIMEOUT = 10.0
 
 _BLOCK = {"g": GUID, "d": Bytes(max=MAX_SEALED)}
 

@@ -116,8 +116,7 @@ class ReplicaReader:
                     continue
                 tried.add(p.id)
                 try:
-                    got = await bs.get_from(self.transport, p, [bguid],
-                                            timeout=min(self.timeout, bs.SMALL_TIMEOUT),
+                    got = await bs.get_from(self.transport, p, [bguid], timeout=self.timeout,
                                             offload=self.offload)
                 except BlockCorrupt as e:
                     self.stats["rejected_copies"] += 1

@@ -185,8 +185,7 @@ class ReplicatedBlocks(BlockAccess):
             if peer.id == self.node.id and self.local is not None:
                 await self.local.flush_staged()
             else:
-                await bs.sync_at(self.transport, peer,
-                                 timeout=min(self.timeout, bs.SMALL_TIMEOUT))
+                await bs.sync_at(self.transport, peer, timeout=self.timeout)
         except (StorageError, PeerError) as e:
             self.placement.note_failure(peer.id, e)
             self.stats["barrier_failures"] += 1
@@ -334,10 +333,8 @@ class ReplicatedBlocks(BlockAccess):
                     if self.on_stored is not None:
                         self.on_stored(batch)
                 else:
-                    small = sum(len(d) for _, d in items) < STAGE_BELOW
                     await bs.put_to(self.transport, peer, items, revive=revive,
-                                    timeout=min(self.timeout, bs.SMALL_TIMEOUT) if small
-                                    else self.timeout)
+                                    timeout=self.timeout)
             except (StorageError, PeerError) as e:
                 self._note_failure(peer.id, e)
                 results.append((peer.id, batch, e))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import signal
 import time
 
 import pytest
@@ -126,24 +125,6 @@ async def test_a_holder_commits_what_it_staged_when_a_writer_asks(cluster):
             # writer's fsync) returns once it is in LMDB.
             assert await bs.sync_at(t, peer(n)) >= 0
             assert (n.data_dir / "blocks" / "stage.log").stat().st_size == 0
-
-
-async def test_a_hung_holder_costs_a_small_put_seconds_not_the_whole_timeout(cluster):
-    writer = cluster.nodes[0]
-    data = block(b"hung holder")
-    r = await ctl(writer, "blk.ctl.put", {"key": KEY, "kind": DATA, "data": data})
-    victim = by_id(cluster, next(h for h in r["holders"] if h.hex() != writer.id_hex))
-    os.kill(victim.pid, signal.SIGSTOP)   # hung: its connections stay open, nothing answers
-    try:
-        # The same block again: the hung node is one of its first candidates.
-        t = time.monotonic()
-        again = await ctl(writer, "blk.ctl.put", {"key": KEY, "kind": DATA, "data": data})
-        took = time.monotonic() - t
-        assert took < 25, f"the put waited {took:.1f} s on a hung holder"
-        assert len(set(again["holders"])) == 3
-        assert victim.id_hex not in {h.hex() for h in again["holders"]}
-    finally:
-        os.kill(victim.pid, signal.SIGCONT)
 
 
 async def test_a_forged_block_from_a_malicious_node_is_rejected(cluster):
