@@ -505,7 +505,7 @@ class P2pfsOperations(pyfuse3.Operations):
     async def fsyncdir(self, fh, datasync):
         d = self._dirs.get(fh)
         if d is None or not HistoryFront.owns(d.ino):
-            await self.ns.fsync()
+            await self.ns.sync()
 
     # ------------------------------------------------------------------
     # Files

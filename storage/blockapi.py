@@ -51,12 +51,6 @@ class BlockAccess(abc.ABC):
         """Store several blocks, pipelined; BGUIDs in the same order."""
         return [await self.put(k, p) for k, p in items]
 
-    async def barrier(self) -> None:
-        """Return once every block put so far is on disk wherever it was
-        acknowledged. A holder may acknowledge a small put before its
-        commit (SECURITY.md, "Durability"); fsync waits for this, close
-        does not. Default: puts are committed when they return."""
-
     def name_of(self, kind: Kind, plaintext: bytes) -> bytes | None:
         """The BGUID ``put(kind, plaintext)`` will return, computed without
         storing anything (sealing is convergent); None when this access

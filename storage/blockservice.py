@@ -127,11 +127,6 @@ CHECK = frames.message(
     reply={"state": ListOf(Int(0, 2), max=MAX_LIST), "at": ListOf(Nullable(float), max=MAX_LIST),
            "epoch": ListOf(Int(0, 2**63 - 1), max=MAX_LIST)},
 )
-SYNC = frames.message(
-    "blk.sync",
-    request={},
-    reply={"committed": Int(0)},
-)
 DELETE = frames.message(
     "blk.delete",
     request={"bguids": ListOf(GUID, max=MAX_LIST), "epoch": Int(0, 2**63 - 1),
@@ -173,7 +168,6 @@ class BlockService:
         dispatcher.on(STAT, self.on_stat)
         dispatcher.on(CHECK, self.on_check)
         dispatcher.on(DELETE, self.on_delete)
-        dispatcher.on(SYNC, self.on_sync)
 
     async def on_store(self, sender: bytes, body: dict) -> dict:
         items = [(b["g"], b["d"]) for b in body["blocks"]]
@@ -183,14 +177,6 @@ class BlockService:
             log.info("refused %d blocks from %s: %s", len(items), short(sender), e)
             raise _refusal(e) from None
         return {"stored": n}
-
-    async def on_sync(self, sender: bytes, body: dict) -> dict:
-        """Commit what is staged (a writer's fsync: SECURITY.md,
-        "Durability"); how many blocks that was."""
-        try:
-            return {"committed": await self.store.flush_staged()}
-        except StorageError as e:
-            raise _refusal(e) from None
 
     async def on_fetch(self, sender: bytes, body: dict) -> dict:
         want = body["bguids"]
@@ -275,14 +261,6 @@ async def put_to(transport: Transport, peer: Peer,
         reply = await _call(transport, peer, STORE, body, timeout)
         stored += reply["stored"]
     return stored
-
-
-async def sync_at(transport: Transport, peer: Peer, *,
-                  timeout: float = DEFAULT_TIMEOUT) -> int:
-    """Have ``peer`` commit every block it staged (``blk.sync``); returns
-    how many that was. A StorageError if its commit failed, or a transport
-    PeerError."""
-    return (await _call(transport, peer, SYNC, {}, timeout))["committed"]
 
 
 async def get_from(transport: Transport, peer: Peer, bguids: Iterable[bytes], *,

@@ -11,9 +11,8 @@ a moment later.
 
 What an acknowledgement then promises: the block is in the holder's file
 system (its page cache), so it survives the holder *process* being killed
-(``kill -9`` included) and is committed within ``STAGE_DELAY`` seconds, at
-the next operation that needs the store exact, or when a writer's fsync
-asks for it (``blk.sync``). A power loss of the
+(``kill -9`` included) and is committed within ``STAGE_DELAY`` seconds or
+at the next operation that needs the store exact. A power loss of the
 holder's machine inside that window can lose it there. DESIGN.md's
 invariant counts failed holders: data acknowledged by r holders survives
 r-1 of them failing, and a holder that keeps running keeps what its page

@@ -100,9 +100,6 @@ class CachedBlockAccess(BlockAccess):
     def name_of(self, kind: Kind, plaintext: bytes) -> bytes | None:
         return self.inner.name_of(kind, plaintext)
 
-    async def barrier(self) -> None:
-        await self.inner.barrier()
-
     async def put(self, kind: Kind, plaintext: bytes) -> bytes:
         g = await self.inner.put(kind, plaintext)
         self.cache.put_blocks([(g, kind, bytes(plaintext))])

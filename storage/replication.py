@@ -55,7 +55,6 @@ from . import blockservice as bs
 from . import seal
 from .blockapi import BlockAccess, Kind
 from .blockstore import AsyncBlockStore
-from .blockstore_stage import STAGE_BELOW
 from .errors import StorageError, StoreFull, TooFewHolders
 from .placement import Placement
 from .replica_reads import Fetched, ReplicaReader
@@ -141,8 +140,6 @@ class ReplicatedBlocks(BlockAccess):
         self.offload = offload
         self.timeout = timeout
         self._sealer = seal.sealer(volume_key)
-        self._unsynced: dict[bytes, Peer] = {}     # holders that may hold staged puts
-        self._barrier_lock = trio.Lock()
         self._budget = _Budget(max_inflight)
         self._full: dict[bytes, float] = {}
         self.stats: Counter = Counter()
@@ -165,31 +162,6 @@ class ReplicatedBlocks(BlockAccess):
         return fn(*args)
 
     # ------------------------------------------------------------------ put
-
-    async def barrier(self) -> None:
-        """``BlockAccess.barrier``: a ``blk.sync`` to every holder that
-        acknowledged a small put since the last barrier (it may have staged
-        it), all at once. A holder that cannot be reached or whose commit
-        fails is logged and passed over: it is one of the r-1 holders the
-        invariant allows to fail, and the others' commits stand. Barriers
-        run one at a time, so one that returns covers the holders an earlier
-        one had taken but not finished with."""
-        async with self._barrier_lock:
-            peers, self._unsynced = self._unsynced, {}
-            async with trio.open_nursery() as nursery:
-                for peer in peers.values():
-                    nursery.start_soon(self._sync_holder, peer)
-
-    async def _sync_holder(self, peer: Peer) -> None:
-        try:
-            if peer.id == self.node.id and self.local is not None:
-                await self.local.flush_staged()
-            else:
-                await bs.sync_at(self.transport, peer, timeout=self.timeout)
-        except (StorageError, PeerError) as e:
-            self.placement.note_failure(peer.id, e)
-            self.stats["barrier_failures"] += 1
-            log.warning("holder %s did not confirm its commit: %s", short(peer.id), e)
 
     def name_of(self, kind: Kind, plaintext: bytes) -> bytes | None:
         return self._sealer.seal(kind, bytes(plaintext)).bguid
@@ -340,8 +312,6 @@ class ReplicatedBlocks(BlockAccess):
                 results.append((peer.id, batch, e))
                 return
             self.stats["copies_stored"] += len(batch)
-            if sum(len(d) for _, d in items) < STAGE_BELOW:
-                self._unsynced[peer.id] = peer      # it may have staged them
             results.append((peer.id, batch, None))
 
         async with trio.open_nursery() as nursery:

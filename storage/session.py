@@ -422,11 +422,8 @@ class Session:
 
     async def fsync(self, ino: int | None = None) -> None:
         """Make this writer's updates durable and visible (the whole log:
-        one log per writer, so per-file and whole-volume sync coincide).
-        Unlike a close, also waits until the holders have committed the
-        blocks they acknowledged (``BlockAccess.barrier``)."""
+        one log per writer, so per-file and whole-volume sync coincide)."""
         await self.sync()
-        await self.blocks.barrier()
 
     async def refresh(self) -> None:
         """Fetch other writers' new records (close-to-open: call on open)."""
@@ -505,9 +502,8 @@ class Session:
         return root
 
     async def close(self, settle: float = 10.0) -> None:
-        """Sync as fsync does, then give the board up to ``settle`` s to
-        certify."""
-        await self.fsync()
+        """Sync, then give the board up to ``settle`` s to certify."""
+        await self.sync()
         if not await self.board.settle(settle):
             _log.warning("the newest log-head is not certified yet: it is kept locally and "
                          "certified at the next mount")

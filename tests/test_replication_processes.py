@@ -115,18 +115,6 @@ async def test_a_block_flipped_on_disk_is_detected_and_served_from_another(clust
     assert st["store"]["corruptions"] == 1 and st["store"]["quarantined"] == 1
 
 
-async def test_a_holder_commits_what_it_staged_when_a_writer_asks(cluster):
-    r = await ctl(cluster.nodes[0], "blk.ctl.put",
-                  {"key": KEY, "kind": DATA, "data": block(b"fsync me")})
-    async with TlsTransport(Identity.generate()) as t:
-        for h in set(r["holders"]):
-            n = by_id(cluster, h)
-            # Staged at once, committed within 0.1 s, or now: blk.sync (a
-            # writer's fsync) returns once it is in LMDB.
-            assert await bs.sync_at(t, peer(n)) >= 0
-            assert (n.data_dir / "blocks" / "stage.log").stat().st_size == 0
-
-
 async def test_a_forged_block_from_a_malicious_node_is_rejected(cluster):
     writer, reader = cluster.nodes[0], cluster.nodes[2]
     data = block(b"forged")

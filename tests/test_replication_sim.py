@@ -56,19 +56,18 @@ class Cluster:
         self.stores: dict[bytes, BlockStore] = {}    # open ones (live nodes)
         self.idents: dict[bytes, Identity] = {}
 
-    def _store(self, node_id: bytes, quota: int, stage: bool = False) -> BlockStore:
-        return BlockStore(self.tmp / node_id.hex()[:16], quota=quota, sync=False, clock=clock,
-                          stage=stage)
+    def _store(self, node_id: bytes, quota: int) -> BlockStore:
+        return BlockStore(self.tmp / node_id.hex()[:16], quota=quota, sync=False, clock=clock)
 
     async def add(self, *, quota: int = 64 << 20, service=HolderService,
-                  ident=None, stage: bool = False) -> StorageNode:
+                  ident=None) -> StorageNode:
         if ident is None:
             ident = self.pool[len(self.idents)]
             t = self.net.add(ident)
         else:
             self.net.restart(ident.id)
             t = self.net.transport(ident.id)
-        store = self._store(ident.id, quota, stage)
+        store = self._store(ident.id, quota)
         # Every node of the cluster may collect garbage.
         sn = StorageNode(t, store, inline=True, repair_interval=REPAIR, clock=clock,
                          collectors=[i.id for i in self.pool], service_class=service)
@@ -156,31 +155,6 @@ async def test_put_stores_r_copies_on_the_distinct_salted_roots_and_holders_publ
         found = await reader.node.locate(g, 3)
         assert {p.id for p in found} == cluster.holders(g)
     assert await reader.blocks(VOLUME).get_many([(g, Kind.DATA) for g in bguids]) == data
-
-
-async def test_a_barrier_has_the_holders_commit_what_they_staged(cluster, autojump_clock):
-    nodes = await cluster.grow(8, stage=True)
-    for sn in nodes:
-        sn.store.stage_delay = 1e6      # only the barrier commits
-    writer = nodes[0]
-    rb = writer.blocks(VOLUME)
-    bguids = await rb.put_many([(Kind.DATA, p) for p in payloads(6, b"barrier")])
-    staged = lambda: {i: s.staged for i, s in cluster.stores.items() if s.staged}  # noqa: E731
-    assert sum(staged().values()) >= 6                 # acknowledged, not committed yet
-    holders = set().union(*(cluster.holders(g) for g in bguids))
-    assert set(staged()) == holders
-    await rb.barrier()
-    assert staged() == {}
-    assert all(cluster.holders(g) == set(cluster.placement(g)) for g in bguids)
-    await rb.barrier()                                 # nothing new: nobody asked
-    assert rb.stats["barrier_failures"] == 0
-    # A holder gone before the barrier is passed over (logged): the others commit.
-    more = await rb.put_many([(Kind.DATA, p) for p in payloads(3, b"more")])
-    gone = cluster.nodes[sorted(cluster.holders(more[0]) - {writer.id})[0]]
-    cluster.crash(gone)
-    await rb.barrier()
-    assert staged() == {}
-    assert rb.stats["barrier_failures"] == 1
 
 
 async def test_get_reads_the_nearest_replica_and_falls_back_on_corruption_and_crash(cluster, autojump_clock):
