@@ -87,9 +87,12 @@ class Backend(abc.ABC):
     """A place a volume lives (module docstring)."""
 
     @abc.abstractmethod
-    def attach(self) -> contextlib.AbstractAsyncContextManager[Session]:
+    def attach(self, *, sync_close: bool = False
+               ) -> contextlib.AbstractAsyncContextManager[Session]:
         """Open (or join) the storage and yield a :class:`Session`; detach
-        and release everything on exit. Raises :class:`BackendError`."""
+        and release everything on exit. Raises :class:`BackendError`.
+        ``sync_close``: a close waits for the writer's new log-head to reach
+        its disk, as fsync does (a backend whose closes always do ignores it)."""
 
 
 # --------------------------------------------------------------------------
@@ -182,7 +185,8 @@ class LocalBackend(Backend):
             os.close(fd)
 
     @contextlib.asynccontextmanager
-    async def attach(self) -> AsyncIterator[Session]:
+    async def attach(self, *, sync_close: bool = False) -> AsyncIterator[Session]:
+        # Every publish of this board is a synced transaction: sync_close holds.
         fmt = self._read_format()
         with self._locked():
             try:

@@ -221,7 +221,8 @@ def cmd_mount(args) -> int:
 
     backend = _backend_for(args.volume_dir)
     try:
-        trio.run(lambda: serve(backend, args.mountpoint, debug=args.debug))
+        trio.run(lambda: serve(backend, args.mountpoint, debug=args.debug,
+                               sync_close=args.sync_close))
     except (MountError, BackendError) as e:
         raise CliError(str(e)) from None
     return EXIT_OK
@@ -381,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("volume_dir")
     s.add_argument("mountpoint", help="an empty directory")
     s.add_argument("--debug", action="store_true", help="log every FUSE request")
+    s.add_argument("--sync-close", action="store_true",
+                   help="a close also waits for this writer's new log-head to reach the local "
+                        "disk, as fsync does (default: within 0.1 s; SECURITY.md, Durability)")
     s.set_defaults(func=cmd_mount)
 
     s = sub.add_parser("umount", help="unmount a mounted volume")

@@ -218,12 +218,13 @@ async def _unmount_or_detach(mp: Path) -> None:
 
 
 async def serve(backend: Backend, mountpoint: str | os.PathLike, *, debug: bool = False,
-                task_status=trio.TASK_STATUS_IGNORED) -> None:
+                sync_close: bool = False, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Mount ``backend``'s volume at ``mountpoint`` and serve it until it is
     unmounted or a signal arrives (module docstring). ``task_status`` gets
-    the absolute mount point once the kernel has the mount."""
+    the absolute mount point once the kernel has the mount. ``sync_close``:
+    see ``Backend.attach``."""
     mp = check_mountpoint(mountpoint)
-    async with backend.attach() as session:
+    async with backend.attach(sync_close=sync_close) as session:
         try:
             ns = await Namespace.mount(session.view, session.identity, session.blocks,
                                        session.board)

@@ -249,11 +249,13 @@ class NetworkBackend(LocalBackend):
                 nursery.cancel_scope.cancel()
 
     @contextlib.asynccontextmanager
-    async def attach(self) -> AsyncIterator[Session]:
+    async def attach(self, *, sync_close: bool = False) -> AsyncIterator[Session]:
         fmt = self._read_format()
         with self._locked():
             try:
-                local = LocalHeadBoard(self.dir / "heads")
+                # Closes stage the writer's head (storage.heads_stage) unless
+                # asked to wait for the disk; fsync always does.
+                local = LocalHeadBoard(self.dir / "heads", stage=not sync_close)
             except StorageError as e:
                 raise BackendError(f"cannot open volume {self.dir}: {e}") from None
             try:

@@ -108,6 +108,24 @@ def decode_all(buf: bytes, after_gen: int, max_len: int) -> tuple[list[tuple[byt
     return out, pos
 
 
+def append_whole(fd: int, size: int, buf: bytes, what: str) -> None:
+    """Write ``buf`` at offset ``size`` of the log file ``fd`` (its end),
+    whole, or leave the file as it was: StoreFull when the disk is full,
+    StorageError for any other failure (``what`` names the file)."""
+    done = 0
+    try:
+        while done < len(buf):
+            done += os.pwrite(fd, buf[done:], size + done)
+    except OSError as e:
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            pass    # the next append overwrites the torn bytes anyway (pwrite at size)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StoreFull(f"disk full writing {what}") from None
+        raise StorageError(f"cannot write {what}: {e.strerror}") from None
+
+
 class StageLog:
     """The open log file of a staging store (module docstring)."""
 
@@ -138,18 +156,7 @@ class StageLog:
     def append(self, buf: bytes) -> None:
         """Append ``buf`` whole, or leave the log as it was (StoreFull when
         the disk is full, StorageError for any other failure)."""
-        done = 0
-        try:
-            while done < len(buf):
-                done += os.pwrite(self.fd, buf[done:], self.size + done)
-        except OSError as e:
-            try:
-                os.ftruncate(self.fd, self.size)
-            except OSError:
-                pass    # the next entries overwrite the torn bytes anyway (pwrite at size)
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreFull(f"disk full writing the staging log {self.path}") from None
-            raise StorageError(f"cannot write the staging log {self.path}: {e.strerror}") from None
+        append_whole(self.fd, self.size, buf, f"the staging log {self.path}")
         self.size += len(buf)
 
     def truncate(self) -> None:

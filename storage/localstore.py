@@ -38,6 +38,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
@@ -48,6 +50,7 @@ from . import seal
 from .blockapi import BlockAccess, Kind
 from .blockstore import BlockStore, StoreStats
 from .errors import BlockNotFound, StorageError, StoreClosed, StoreFormatError
+from .heads_stage import AHEAD_DELAY, AheadLog, decode_entries, encode_entry
 from .logs import HeadBoard, LogError, LogHead, decode_head
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,14 @@ class StaleHead(StorageError):
     """A log-head was offered whose publish counter is not newer than the
     head already stored for that writer (a caller bug or a replayed head);
     the stored head is kept."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Ahead:
+    """A staged head: its publish counter, encoding and packed journal."""
+    n: int
+    raw: bytes
+    packed: bytes | None
 
 
 class _Batch:
@@ -183,11 +194,18 @@ class LocalHeadBoard(HeadBoard):
     encoded head; ``journal``, writer id -> msgpack list of the encoded
     record blocks its head names that may not be stored yet (the
     write-ahead journal of ``HeadBoard.publish_ahead``); ``meta`` holds the
-    format tag. Every publish is one synced transaction."""
+    format tag. Every publish is one synced transaction.
+
+    With ``stage=True`` (a mount's board), a publish is appended to the
+    board's staging log instead and committed, synced, ``stage_delay``
+    seconds later or by :meth:`flush` (``storage.heads_stage``: what that
+    promises, and why). Opening a board replays what a killed process left
+    staged, unless a live process still owns the log."""
 
     journals = True
 
-    def __init__(self, path: str | os.PathLike, *, sync: bool = True):
+    def __init__(self, path: str | os.PathLike, *, sync: bool = True, stage: bool = False,
+                 stage_delay: float = AHEAD_DELAY):
         self.path = Path(path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -214,11 +232,168 @@ class LocalHeadBoard(HeadBoard):
             raise
         self._lock = trio.Lock()
         self._n: dict[bytes, int] = {}      # writer -> publish counter stored (read once)
+        self.stage_delay = stage_delay
+        self._staged: dict[bytes, _Ahead] = {}      # writer -> its newest staged head
+        self._stage_lock = threading.Lock()         # _staged and the log, across threads
+        self._fold_lock = threading.Lock()          # one commit of staged heads at a time
+        self._commit_armed = False
+        self._ahead: AheadLog | None = None
+        try:
+            ahead = AheadLog(self.path, own=stage)
+        except BaseException:
+            self._env.close()
+            raise
+        try:
+            if ahead.owned:
+                self._replay(ahead)
+        except BaseException:
+            ahead.close()
+            self._env.close()
+            raise
+        if stage:
+            self._ahead = ahead
+        else:
+            ahead.close()
 
     def close(self) -> None:
-        if self._env is not None:
-            self._env.close()
-            self._env = None
+        if self._env is None:
+            return
+        if self._ahead is not None:
+            try:
+                self._fold()
+            except (StorageError, lmdb.Error) as e:
+                log.warning("head board %s: staged heads stay in its log for the next open: %s",
+                            self.path, e)
+            self._ahead.close()
+            self._ahead = None
+        self._env.close()
+        self._env = None
+
+    # -- staging (storage.heads_stage) ----------------------------------------
+
+    def _replay(self, ahead: AheadLog) -> None:
+        """Commit what the log holds (newest head per writer), then empty it."""
+        buf = ahead.read()
+        entries, used = decode_entries(buf)
+        if used < len(buf):
+            log.info("head board %s: %d bytes at the end of its staging log were not whole "
+                     "entries (a torn tail); dropped", self.path, len(buf) - used)
+        newest: dict[bytes, _Ahead] = {}
+        for raw, packed in entries:
+            try:
+                h = decode_head(raw)
+            except LogError as e:
+                log.warning("head board %s: a staged head is unreadable (%s); skipped",
+                            self.path, e)
+                continue
+            if h.writer not in newest or h.n > newest[h.writer].n:
+                newest[h.writer] = _Ahead(h.n, raw, packed)
+        if newest:
+            self._commit(newest)
+            log.info("head board %s: committed %d staged head(s) left by a stopped process",
+                     self.path, len(newest))
+        ahead.rewrite(b"")
+
+    def _commit(self, entries: dict[bytes, "_Ahead"]) -> None:
+        """One synced transaction: each entry whose head is newer than the
+        stored one replaces it, with its journal."""
+        with self._live().begin(write=True) as txn:
+            for w, e in entries.items():
+                old = txn.get(w, db=self._heads)
+                if old is not None:
+                    try:
+                        if decode_head(old).n >= e.n:
+                            continue
+                    except LogError:
+                        pass        # unreadable: replaced, as a publish would
+                txn.put(w, e.raw, db=self._heads)
+                if e.packed is not None:
+                    txn.put(w, e.packed, db=self._journal)
+                else:
+                    txn.delete(w, db=self._journal)
+
+    def _fold(self) -> int:
+        """Commit what is staged; the log keeps only what was staged since."""
+        with self._fold_lock:
+            with self._stage_lock:
+                staged = dict(self._staged)
+            if not staged:
+                return 0
+            self._commit(staged)
+            with self._stage_lock:
+                for w, e in staged.items():
+                    if self._staged.get(w) is e:
+                        del self._staged[w]
+                if self._ahead is not None:
+                    self._ahead.rewrite(b"".join(encode_entry(e.raw, e.packed)
+                                                 for e in self._staged.values()))
+            return len(staged)
+
+    def _stage(self, head: LogHead, raw: bytes, packed: bytes | None) -> None:
+        w = head.writer
+        with self._stage_lock:
+            cur = self._staged.get(w)
+            if cur is not None:
+                cur_n, cur_raw = cur.n, cur.raw
+            elif self._n.get(w, head.n) < head.n:
+                cur_n, cur_raw = self._n[w], None
+            else:
+                cur_n, cur_raw = self._stored(w)
+            if cur_n >= head.n:
+                if cur_n == head.n and cur_raw == raw:
+                    return      # the same head again
+                raise StaleHead(f"head n={head.n} of writer {w[:4].hex()} is not newer "
+                                f"than the stored n={cur_n}")
+            self._live()
+            self._ahead.append(encode_entry(raw, packed))
+            self._staged[w] = _Ahead(head.n, raw, packed)
+        self._arm_commit()
+
+    def _stored(self, w: bytes) -> tuple[int, bytes | None]:
+        with self._live().begin() as txn:
+            v = txn.get(w, db=self._heads)
+            raw = bytes(v) if v is not None else None
+        if raw is None:
+            return 0, None
+        try:
+            return decode_head(raw).n, raw
+        except LogError:
+            log.warning("head board %s: stored head of %s is unreadable; replaced",
+                        self.path, w[:4].hex())
+            return 0, raw
+
+    def _arm_commit(self) -> None:
+        if self._commit_armed or not self._staged:
+            return
+        self._commit_armed = True
+        try:
+            trio.lowlevel.spawn_system_task(self._commit_later, name="commit staged heads")
+        except RuntimeError:    # the run is ending: commit now
+            self._commit_armed = False
+            self._fold()
+
+    async def _commit_later(self) -> None:
+        # A system task: it must never raise (trio would end the run).
+        try:
+            await trio.sleep(self.stage_delay)
+            await trio.to_thread.run_sync(self._fold)
+        except trio.Cancelled:
+            self._commit_armed = False
+            raise       # the run is ending; close() commits the rest
+        except Exception as e:  # noqa: BLE001 - logged; the next publish, flush or close retries
+            self._commit_armed = False
+            log.error("head board %s: committing staged heads failed (they stay in its "
+                      "staging log): %s", self.path, e)
+            return
+        self._commit_armed = False
+        self._arm_commit()      # what was staged while this commit ran
+
+    async def flush(self) -> None:
+        """Commit what is staged now (fsync(2)'s barrier)."""
+        if self._ahead is not None and self._staged:
+            await trio.to_thread.run_sync(self._fold)
+        else:
+            await trio.lowlevel.checkpoint()
 
     def _live(self):
         if self._env is None:
@@ -231,17 +406,29 @@ class LocalHeadBoard(HeadBoard):
     async def publish_ahead(self, head: LogHead, journal: list[tuple[int, bytes]]) -> None:
         raw = head.encode()
         packed = msgpack.packb([[int(k), bytes(b)] for k, b in journal]) if journal else None
+        if self._ahead is not None:
+            await trio.lowlevel.checkpoint()
+            self._stage(head, raw, packed)
+            self._n[head.writer] = max(head.n, self._n.get(head.writer, 0))
+            return
         async with self._lock:
             await trio.to_thread.run_sync(self._publish_sync, head, raw, packed)
         self._n[head.writer] = head.n
 
     async def journal(self, writer: bytes) -> list[tuple[int, bytes]]:
+        staged = self._staged.get(writer)
+        if staged is not None:
+            await trio.lowlevel.checkpoint()
+            return self._parse_journal(writer, staged.packed)
         return await trio.to_thread.run_sync(self._journal_sync, writer)
 
     def _journal_sync(self, writer: bytes) -> list[tuple[int, bytes]]:
         with self._live().begin() as txn:
             v = txn.get(writer, db=self._journal)
             v = bytes(v) if v is not None else None
+        return self._parse_journal(writer, v)
+
+    def _parse_journal(self, writer: bytes, v: bytes | None) -> list[tuple[int, bytes]]:
         if v is None:
             return []
         try:
@@ -288,7 +475,12 @@ class LocalHeadBoard(HeadBoard):
         writers = list(writers)
         if not writers:
             return {}
-        return await trio.to_thread.run_sync(self._fetch_sync, writers)
+        # Staged heads are newer than the stored ones. Taken before the
+        # read: one committed meanwhile is then either here or read.
+        staged = {w: e.raw for w in writers if (e := self._staged.get(w)) is not None}
+        out = await trio.to_thread.run_sync(self._fetch_sync, writers)
+        out.update(staged)
+        return out
 
     def _fetch_sync(self, writers: list[bytes]) -> dict[bytes, bytes]:
         with self._live().begin() as txn:

@@ -234,6 +234,11 @@ class HeadBoard(abc.ABC):
         """The journal kept with ``writer``'s newest head (empty if none)."""
         return []
 
+    async def flush(self) -> None:
+        """Make every head published here durable against a machine crash
+        too (fsync(2)); boards whose publish is that durable on return have
+        nothing to do."""
+
 
 class MemoryHeadBoard(HeadBoard):
     """An in-process board for single-process tests: a dict of encoded heads.

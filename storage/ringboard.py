@@ -167,6 +167,9 @@ class RingHeadBoard(HeadBoard):
     async def journal(self, writer: bytes) -> list[tuple[int, bytes]]:
         return await self.local.journal(writer)
 
+    async def flush(self) -> None:
+        await self.local.flush()
+
     async def publish(self, head: LogHead) -> None:
         await self.local.publish(head)          # durable first: the writer's own promise
         await self.release(head)

@@ -422,8 +422,11 @@ class Session:
 
     async def fsync(self, ino: int | None = None) -> None:
         """Make this writer's updates durable and visible (the whole log:
-        one log per writer, so per-file and whole-volume sync coincide)."""
+        one log per writer, so per-file and whole-volume sync coincide),
+        including against a crash of this machine: the head board commits
+        a head it keeps staged (``storage.heads_stage``) before this returns."""
         await self.sync()
+        await self.board.flush()
 
     async def refresh(self) -> None:
         """Fetch other writers' new records (close-to-open: call on open)."""

@@ -530,7 +530,7 @@ async def test_two_writers_close_to_open(tmp):
 
     class InProcess(Backend):
         @contextlib.asynccontextmanager
-        async def attach(self):
+        async def attach(self, **kw):
             yield Session(owner, view, blocks, board, replicas=1, description="in-process")
 
     def put(path, data):

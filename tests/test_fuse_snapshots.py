@@ -279,7 +279,7 @@ async def test_conflicting_creates_are_listed_on_the_root(tmp):  # noqa: F811
 
     class InProcess(Backend):
         @contextlib.asynccontextmanager
-        async def attach(self):
+        async def attach(self, **kw):
             yield Session(owner, view, blocks, board, replicas=1, description="in-process")
 
     def conflicts(mp):
