@@ -264,9 +264,11 @@ class RingClient:
                 if "view" in r:
                     self._views[j] = r["view"]
                 if r.get("sigs") and alone is not None:
-                    outcome = self._whole(j, rep, r["sigs"], alone)
-                    if outcome is not None:
-                        self._primary = j
+                    whole = self._whole(j, rep, r["sigs"], alone)
+                    if whole is not None:
+                        if outcome is None:
+                            outcome = whole
+                            self._primary = j
                         if top is not None:
                             top.cancel()
                         return
@@ -287,11 +289,15 @@ class RingClient:
                 return
             finally:
                 asking.discard(j)
-            outcome = self._evaluate(replies)
-            if outcome is not None:
-                self._primary = None          # found by agreement: go by the views
-                if top is not None:
-                    top.cancel()
+            # Another ask may have found the outcome already (its reply came
+            # in the same batch: this task was past its last checkpoint when
+            # the cancel came). Never overwrite it with "not yet".
+            if outcome is None:
+                outcome = self._evaluate(replies)
+                if outcome is not None:
+                    self._primary = None          # found by agreement: go by the views
+            if outcome is not None and top is not None:
+                top.cancel()
 
         if alone is not None:
             # The primary first, from this task (the common case is this one

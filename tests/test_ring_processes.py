@@ -3,11 +3,16 @@
 killed with SIGKILL and restarted on its LMDB state, and two members down.
 Every process is stopped by PID at teardown."""
 
+from types import SimpleNamespace
+
+import msgpack
 import pytest
 import trio
 
+from overlay.wire.ids import Identity
 from overlay.wire.tls import TlsTransport
 from overlay.wire.transport import Peer
+from storage.certificate import RingDescriptor
 from storage.ring import STATUS
 from storage.ring_errors import Conflict, RingUnavailable
 from storage.ring_local import LocalRing
@@ -150,3 +155,50 @@ async def test_two_stopped_then_continued_resume(ring, client):
     assert cert.seq >= 8
     got = await wait_caught_up(client, 0, (1, 2, 3))
     assert got["exec"] == (await status(client, 3))["exec"]
+
+
+class _SameBatch:
+    """A transport whose requests all wait for one event, so their replies
+    resume in one scheduler batch, in an order trio shuffles: member 0
+    answers with a whole certificate, the others with a plain reply."""
+
+    def __init__(self):
+        self.go = trio.Event()
+        self.waiting = 0
+
+    async def request(self, peer, msg_type, body, *, timeout):
+        self.waiting += 1
+        await self.go.wait()
+        res = msgpack.packb(["ok", b"body", "", b"share"])
+        return {"res": res, "sigs": [b"s"]} if peer.addr == "m0" else {"res": res}
+
+
+class _Client(RingClient):
+    def _whole(self, j, rep, sigs, alone):
+        return ("ok", "certificate of member 0", "") if j == 0 else None
+
+    def _evaluate(self, replies):
+        return None         # no quorum among plain replies
+
+
+async def test_an_outcome_found_is_not_lost_to_a_reply_in_the_same_batch():
+    """Regression (a flake of test_silent_member_does_not_stop_updates under
+    load): a member's whole certificate settled the request and cancelled
+    the others, but another ask, resumed in the same batch and past its
+    last checkpoint, evaluated the replies so far and overwrote the outcome
+    with "none yet", so submit raised RingUnavailable."""
+    owner = Identity.from_seed(b"same batch")
+    ring = RingDescriptor.create(owner, "r", [(Identity.from_seed(b"m%d" % k).public_key, f"m{k}")
+                                              for k in range(4)])
+    for _ in range(40):
+        t = _SameBatch()
+        client = _Client(t, ring, owner, attempt_timeout=5, deadline=10, primary_timeout=0.01)
+        req = SimpleNamespace(c=b"c", r=1, op=b"op", s=b"s")
+        async with trio.open_nursery() as n:
+            async def release():
+                while t.waiting < 1 + ring.n:       # the primary's try, then all four
+                    await trio.sleep(0.001)
+                t.go.set()
+            n.start_soon(release)
+            got = await client.submit(req, alone=lambda status, body: True)
+        assert got == ("ok", "certificate of member 0", "")
