@@ -35,6 +35,7 @@ it. Table and pointer updates are synchronous, so no await splits one.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections import Counter
@@ -144,7 +145,8 @@ class TapestryNode(DolrAPI):
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                addr = await nursery.start(self.transport.serve, self._handle)
+                addr = await nursery.start(functools.partial(
+                    self.transport.serve, self._handle, inline=self.dispatcher.quick))
                 self.table.me = Peer(self.id, addr)
                 nursery.start_soon(self.maint.run)
                 task_status.started(self.peer)

@@ -161,13 +161,18 @@ class BlockService:
         self.collectors = frozenset(collectors)   # NodeIDs whose blk.delete is obeyed
 
     def register(self, dispatcher: Dispatcher) -> None:
-        dispatcher.on(STORE, self.on_store)
+        dispatcher.on(STORE, self.on_store, quick=self._store_is_quick)
         dispatcher.on(FETCH, self.on_fetch)
         dispatcher.on(HAS, self.on_has)
         dispatcher.on(LIST, self.on_list)
         dispatcher.on(STAT, self.on_stat)
         dispatcher.on(CHECK, self.on_check)
         dispatcher.on(DELETE, self.on_delete)
+
+    def _store_is_quick(self, body: dict) -> bool:
+        """A put small enough for the store to take on the trio thread
+        (``AsyncBlockStore.put_many``: staged, no worker thread)."""
+        return sum(len(b["d"]) for b in body["blocks"]) < self.store.inline_below
 
     async def on_store(self, sender: bytes, body: dict) -> dict:
         items = [(b["g"], b["d"]) for b in body["blocks"]]

@@ -324,6 +324,39 @@ async def test_one_way_frames_run_in_order_in_the_reader(nursery, client):
     await server.aclose()
 
 
+@pytest.mark.parametrize("quick", [True, False])
+async def test_quick_requests_are_answered_by_the_reader_in_order(nursery, client, quick):
+    """Requests the dispatcher calls quick (``Dispatcher.on(..., quick=)``,
+    ``serve(inline=)``) are handled by the connection's reader, one at a
+    time in the order they came, with the usual replies and refusals;
+    others get a task each and overlap."""
+    gate = Gate()
+    d = Dispatcher()
+    d.on(ECHO, echo, quick=lambda body: quick)
+    d.on(GATE, gate, quick=lambda body: quick and body["n"] % 2 == 0)
+    server = TlsTransport(SERVER)
+    await nursery.start(functools.partial(server.serve, d, inline=d.quick))
+    assert d.quick(ECHO, {"data": b""}) is quick and d.quick("test.tls.nobody", {}) is False
+    replies = []
+    async with trio.open_nursery() as n:
+        async def one(i):
+            replies.append((await client.request(server.peer, GATE, {"n": i}))["n"])
+        for i in (0, 2, 4):             # even: quick when quick is on
+            n.start_soon(one, i)
+            await trio.sleep(0.05)
+        await gate.wait_arrived(1)
+        await trio.sleep(0.2)
+        # Inline, the first holds up the connection's reader; else all three are in.
+        assert gate.arrived == (1 if quick else 3)
+        gate.opened.set()
+    assert sorted(replies) == [0, 2, 4] and gate.peak == (1 if quick else 3)
+    with pytest.raises(RemoteError) as e:
+        await client.request(server.peer, ECHO, {"data": b"refuse"})
+    assert e.value.code == "not_found"
+    await good_round_trip(client, server)   # the connection is still fine
+    await server.aclose()
+
+
 async def test_one_way_to_unreachable_peers(client):
     port = await unused_port()
     with pytest.raises(PeerUnreachable, match="cannot connect"):

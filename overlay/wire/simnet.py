@@ -339,8 +339,10 @@ class SimTransport(Transport):
     def _refuses(self) -> bool:
         return self.net.refuse_when_down if self._refuse is None else self._refuse
 
-    async def serve(self, handler: Handler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Receive requests until cancelled or crashed (then return)."""
+    async def serve(self, handler: Handler, *, inline=None,
+                    task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Receive requests until cancelled or crashed (then return). Every
+        request gets a task of its own (``inline`` is not used here)."""
         if self.crashed:
             raise RuntimeError(f"node {short(self.id)} is crashed; net.restart() it first")
         if self._nursery is not None:

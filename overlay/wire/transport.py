@@ -119,6 +119,9 @@ class Peer:
 
 # handler(sender NodeID, message type, request body) -> reply body
 Handler = Callable[[bytes, str, dict], Awaitable[dict]]
+# (message type, body) -> whether the handler answers it without waiting on
+# the network, a thread or a timer (Transport.serve's ``inline``).
+Quick = Callable[[str, dict], bool]
 
 
 @dataclass
@@ -159,9 +162,12 @@ class Transport(abc.ABC):
         return Peer(self.id, self.address)
 
     @abc.abstractmethod
-    async def serve(self, handler: Handler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, handler: Handler, *, inline: Quick | None = None,
+                    task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Accept requests and pass them to ``handler`` until cancelled.
-        Calls ``task_status.started(address)`` once reachable."""
+        Calls ``task_status.started(address)`` once reachable. A request
+        ``inline`` says yes to may be handled by the task that read it, in
+        order, instead of a task of its own (a transport may ignore it)."""
 
     @abc.abstractmethod
     async def request(self, peer: Peer, msg_type: str, body: dict, *,
@@ -192,13 +198,25 @@ class Dispatcher:
 
     def __init__(self):
         self._routes: dict[str, Callable[[bytes, dict], Awaitable[dict]]] = {}
+        self._quick: dict[str, Callable[[dict], bool]] = {}
 
-    def on(self, msg_type: str, fn: Callable[[bytes, dict], Awaitable[dict]]) -> None:
+    def on(self, msg_type: str, fn: Callable[[bytes, dict], Awaitable[dict]], *,
+           quick: Callable[[dict], bool] | None = None) -> None:
+        """Route ``msg_type`` to ``fn``. ``quick(body)``: whether ``fn``
+        answers that body without waiting on the network, a thread or a
+        timer (then the transport may run it in its reading task)."""
         if msg_type not in frames.REGISTRY:
             raise ValueError(f"message type {msg_type!r} has no registered schema")
         if msg_type in self._routes:
             raise ValueError(f"message type {msg_type!r} already has a handler")
         self._routes[msg_type] = fn
+        if quick is not None:
+            self._quick[msg_type] = quick
+
+    def quick(self, msg_type: str, body: dict) -> bool:
+        """The ``inline`` test for Transport.serve."""
+        q = self._quick.get(msg_type)
+        return q is not None and q(body)
 
     def handles(self, msg_type: str) -> bool:
         return msg_type in self._routes
