@@ -405,17 +405,14 @@ class BlockStore:
         """Commit what is staged, then close the environment; waits for
         calls in flight. Idempotent."""
         with self._stage_lock:
-            wal, self._stage_log = self._stage_log, None
-            if wal is not None:
+            if self._stage_log is not None:
                 try:
-                    if self._staged:
-                        self._commit_staged(self._staged, self._stage_gen)
-                        self._staged = {}
-                        wal.truncate()
+                    self._flush_locked()
                 except StorageError as e:
                     log.error("%s: %d staged blocks left in the staging log for the next "
                               "open: %s", self.path, len(self._staged), e)
                 finally:
+                    wal, self._stage_log = self._stage_log, None
                     wal.close()
         self._lmdb.close()
 
@@ -1041,10 +1038,6 @@ class AsyncBlockStore:
             return
         self._commit_armed = False
         self._arm_commit()      # what was staged while this commit ran
-
-    async def flush_staged(self) -> int:
-        """Commit what is staged now (a barrier)."""
-        return await self._run(self.store.flush_staged)
 
     async def delete_many(self, bguids: Iterable[bytes], **kw) -> list[bytes]:
         return await self._run(self.store.delete_many, list(bguids), **kw)
