@@ -463,7 +463,10 @@ def test_writers_on_both_sides_of_a_ring_partition_keep_working_and_converge(wor
     mc = w.mount("c", w.wa)
     rep = check(mc.mnt, merged)
     assert rep.ok, rep.summary()
-    assert rep.checked == len(merged.acked) >= 12
+    # At least what the waits above guarantee: the two files from before the
+    # cut, each writer's least, same.txt and its conflict copy (A may write
+    # more while B finishes, or not, on a slow machine).
+    assert rep.checked == len(merged.acked) >= 2 + wa_.least + wb_.least + 2
     assert mc.unmount() == 0, mc.tail()
     print(f"check: {rep.summary()}")
 
